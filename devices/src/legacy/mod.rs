@@ -1,0 +1,1 @@
+//! Legacy x86 platform devices.

@@ -1,0 +1,10 @@
+//! kestrel's emulated devices: the I/O bus that vCPU exits are dispatched on, the legacy
+//! platform devices (COM1, i8042, boot timer, exit port), and (later) virtio devices and
+//! disk image formats.
+//!
+//! This crate never sees KVM: the `vmm` crate wires devices to the hypervisor through the
+//! small traits defined here ([`bus::BusDevice`], [`irq::IrqLine`]).
+
+pub mod bus;
+pub mod irq;
+pub mod legacy;
