@@ -6,5 +6,6 @@
 //! small traits defined here ([`bus::BusDevice`], [`irq::IrqLine`]).
 
 pub mod bus;
+pub mod disk;
 pub mod irq;
 pub mod legacy;

@@ -1,0 +1,68 @@
+//! Disk backends: what a virtio-blk device reads and writes.
+//!
+//! The VMM only ever opens raw files (DESIGN.md, "Disks and images"): a QCOW2 image is
+//! converted to raw before a VM starts, so the backends here are a plain raw file and a
+//! copy-on-write overlay over a shared read-only raw base. Backends are used from the VMM
+//! thread only (one request at a time per device), hence `&mut self` and `Send`.
+
+use std::io;
+
+/// Errors of a disk backend. Offsets are byte offsets into the virtual disk.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("access of {len} bytes at offset {offset} is past the end of the {size}-byte disk")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("I/O error on the disk's {what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the disk's {0} is corrupt")]
+    Corrupt(String),
+}
+
+/// A virtual disk of fixed size, addressed in bytes.
+///
+/// Every method checks `offset + len <= size()` (with checked arithmetic) and returns
+/// [`DiskError::OutOfRange`] otherwise; callers may pass guest-controlled values.
+pub trait DiskBackend: Send {
+    /// Size of the virtual disk in bytes.
+    fn size(&self) -> u64;
+    /// True when writes, discards and write-zeroes must be refused.
+    fn read_only(&self) -> bool;
+    /// Fills `buf` from `offset` (exact; short reads past EOF of a sparse file read zeroes).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError>;
+    /// Makes every acknowledged write durable (fdatasync and whatever metadata it needs).
+    fn flush(&mut self) -> Result<(), DiskError>;
+    /// The guest no longer needs `[offset, offset+len)`; reads of it may return zeroes
+    /// afterwards (punch a hole where possible).
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError>;
+    /// `[offset, offset+len)` must read as zeroes afterwards.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError>;
+}
+
+/// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DiskError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(DiskError::OutOfRange { offset, len, size }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_checks_overflow_and_end() {
+        assert!(check_range(0, 512, 512).is_ok());
+        assert!(check_range(512, 0, 512).is_ok());
+        assert!(check_range(1, 512, 512).is_err());
+        assert!(check_range(u64::MAX, 2, u64::MAX).is_err());
+    }
+}
