@@ -1,1 +1,24 @@
-//! placeholder
+//! kestrel's virtual machine monitor: a KVM VM with guest memory, vCPUs, x86_64 direct
+//! kernel boot (PVH or the 64-bit Linux protocol), the legacy platform devices, and the
+//! threads that run it.
+//!
+//! Synchronous by design: no tokio, no ttrpc. Callers (the `kestrel` CLI, the containerd
+//! shim) describe a VM with [`VmConfig`], start it with [`start_vm`], talk to it through a
+//! [`ControlSender`] (non-blocking, with a reply callback) and learn how it ended from
+//! [`VmmHandle::wait`] or [`VmConfig::on_exit`].
+//!
+//! Threads: one per vCPU (running `KVM_RUN`, dispatching I/O exits to the device buses)
+//! and one VMM thread (an `event_manager` loop owning every host-side event source).
+//! `kvm-ioctls` is used only in [`vstate`].
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod exit;
+pub mod vmm_thread;
+pub mod vstate;
+
+pub use builder::{start_vm, BuildVmError, VmmHandle};
+pub use config::{VmConfig, DEFAULT_CMDLINE};
+pub use exit::VmExit;
+pub use vmm_thread::{ControlError, ControlSender, VmAction};

@@ -1,0 +1,181 @@
+//! Builds a VM from a [`VmConfig`] and starts it: memory, kernel and boot structures,
+//! legacy devices on the buses, vCPUs, and the VMM thread. Runs on the caller's thread;
+//! returns once every thread is running.
+
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use devices::bus::{Bus, BusError};
+use devices::irq::{EventFdIrq, IrqLine};
+use devices::legacy::i8042::I8042;
+use devices::legacy::platform::{BootTimer, ExitPort};
+use devices::legacy::serial::{SerialConsole, SerialError};
+use devices::legacy::{self, ExitHook, PlatformExit};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::boot::{self, BootError};
+use crate::arch::{cpuid, layout, regs};
+use crate::config::{self, ConfigError, VmConfig};
+use crate::exit::{ExitState, VmExit};
+use crate::vmm_thread::{self, ControlSender, Manager, VmmThread};
+use crate::vstate::vcpu::{self, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildVmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot write the boot page tables")]
+    BootTables(#[source] regs::RegsError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot create the {0} device")]
+    Device(&'static str, #[source] std::io::Error),
+    #[error("cannot create the serial console")]
+    Serial(#[source] SerialError),
+    #[error("cannot place a device on the bus")]
+    Bus(#[source] BusError),
+    #[error("cannot start the VMM thread")]
+    VmmThread(#[source] std::io::Error),
+}
+
+/// A running VM.
+pub struct VmmHandle {
+    thread: JoinHandle<VmExit>,
+    control: ControlSender,
+}
+
+impl VmmHandle {
+    /// A sender for [`crate::VmAction`]s (Ctrl-Alt-Del, stop).
+    pub fn control(&self) -> ControlSender {
+        self.control.clone()
+    }
+
+    /// Blocks until the VM has stopped and its threads are gone.
+    pub fn wait(self) -> VmExit {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| VmExit::Crashed("the VMM thread panicked".into()))
+    }
+}
+
+fn irq_line(vm: &Vm, gsi: u32, what: &'static str) -> Result<Arc<dyn IrqLine>, BuildVmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildVmError::Device(what, e))?;
+    vm.register_irqfd(&evt, gsi)?;
+    Ok(Arc::new(EventFdIrq::new(evt)))
+}
+
+/// Builds the VM described by `config` and starts it.
+pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
+    let mem_size = config.memory_mib << 20;
+    // Cheap checks before KVM: sizes against the host, paths.
+    config::validate(
+        u64::from(config.vcpus),
+        config.memory_mib,
+        u64::from(crate::arch::mptable::MAX_CPUS),
+        config::host_memory_mib(),
+        &config.kernel,
+        config.initrd.as_deref(),
+    )?;
+    let vm = Vm::new(&layout::ram_regions(mem_size))?;
+    config::validate(
+        u64::from(config.vcpus),
+        config.memory_mib,
+        vm.max_vcpus() as u64,
+        u64::MAX,
+        &config.kernel,
+        config.initrd.as_deref(),
+    )?;
+    let mem = vm.memory();
+
+    // The boot payload.
+    let kernel = boot::load_kernel(mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let limit = kernel
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max))
+                .filter(|&m| m > 0)
+                .map_or(boot::low_ram_end(mem_size), |m| m.saturating_add(1).min(boot::low_ram_end(mem_size)));
+            Some(boot::load_initrd(mem, path, kernel.end, limit)?)
+        }
+        None => None,
+    };
+    boot::write_cmdline(mem, &config.cmdline)?;
+    boot::write_boot_info(mem, &kernel, config.cmdline.len(), initrd, mem_size, config.vcpus)?;
+    regs::write_boot_tables(mem, kernel.protocol).map_err(BuildVmError::BootTables)?;
+
+    // Legacy devices.
+    let exit = Arc::new(ExitState::new().map_err(|e| BuildVmError::Device("exit event", e))?);
+    let exit_for_devices = exit.clone();
+    let exit_hook: ExitHook = Arc::new(move |e| {
+        exit_for_devices.request(match e {
+            PlatformExit::Reset => VmExit::Reset,
+            PlatformExit::Exit(s) => VmExit::Exited(s),
+        })
+    });
+    let serial = Arc::new(Mutex::new(
+        SerialConsole::new(irq_line(&vm, legacy::COM1_IRQ, "serial")?, config.console_out)
+            .map_err(BuildVmError::Serial)?,
+    ));
+    let i8042 = Arc::new(Mutex::new(I8042::new(irq_line(&vm, legacy::I8042_IRQ, "i8042")?, exit_hook.clone())));
+    let on_boot = config.on_boot.take().unwrap_or_else(|| {
+        Box::new(|elapsed| log::info!("guest booted in {:.1} ms", elapsed.as_secs_f64() * 1000.0))
+    });
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), legacy::COM1_PORT, 8).map_err(BuildVmError::Bus)?;
+    pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_PORT_LEN).map_err(BuildVmError::Bus)?;
+    pio.insert(Arc::new(Mutex::new(BootTimer::new(config.start_time, on_boot))), legacy::BOOT_TIMER_PORT, 1)
+        .map_err(BuildVmError::Bus)?;
+    pio.insert(Arc::new(Mutex::new(ExitPort::new(exit_hook))), legacy::EXIT_PORT, 1)
+        .map_err(BuildVmError::Bus)?;
+    let mmio = Bus::new();
+
+    // vCPUs.
+    let hide = cpuid::host_is_kvm_pvm();
+    let base_cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let v = vm.create_vcpu(id)?;
+        let mut c = base_cpuid.clone();
+        cpuid::filter(&mut c, id, config.vcpus, hide);
+        let boot = (id == 0).then_some((kernel.entry, kernel.protocol));
+        v.configure(&c, boot)?;
+        vcpus.push(v);
+    }
+
+    // The VMM thread's event sources.
+    let mut manager = Manager::new().map_err(|e| BuildVmError::Device("event manager", std::io::Error::other(e.to_string())))?;
+    let control = vmm_thread::add_core_subscribers(&mut manager, &exit, i8042, &serial, config.console_in.take())
+        .map_err(|e| BuildVmError::Device("control channel", e))?;
+
+    vcpu::install_kick_handler()?;
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        match v.start(pio.clone(), mmio.clone(), exit.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                exit.request(VmExit::Stopped);
+                threads.iter().for_each(|t| t.kick());
+                threads.into_iter().for_each(|t| t.join());
+                return Err(e.into());
+            }
+        }
+    }
+    let vmm = VmmThread { manager, exit: exit.clone(), vcpus: threads, on_exit: config.on_exit.take() };
+    // The VM (KVM fds, guest memory) lives as long as the VMM thread.
+    let thread = thread::Builder::new()
+        .name("vmm".into())
+        .spawn(move || {
+            let _vm = vm;
+            vmm.run()
+        })
+        .map_err(BuildVmError::VmmThread)?;
+    Ok(VmmHandle { thread, control })
+}
