@@ -9,3 +9,4 @@ pub mod bus;
 pub mod disk;
 pub mod irq;
 pub mod legacy;
+pub mod virtio;

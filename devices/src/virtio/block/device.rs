@@ -1,0 +1,455 @@
+//! The virtio-blk device.
+//!
+//! Two threads touch it, always under its mutex:
+//! - **vCPU threads**, through the transport: configuration-space reads, `activate`
+//!   (stores memory, queue and interrupt, then writes `activate_evt`) and `reset`;
+//! - **the VMM thread**, through its event subscriber ([`super::event_handler`]): queue
+//!   processing, which parses each chain ([`super::request::parse`]), runs it against the
+//!   disk and completes it, with event-idx notification suppression.
+//!
+//! A malformed request fails alone (status IOERR or UNSUPP when it has a writable status
+//! byte, otherwise it is returned with used length 0); the device keeps running.
+
+use std::io;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryError};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::metrics::{BlockMetrics, Counter};
+use super::request::{self, Range, RequestKind, RequestLimits, Segment, SECTOR_SIZE};
+use crate::disk::{DiskBackend, DiskError};
+use crate::virtio::device::{
+    ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+};
+use crate::virtio::{device_id, features, RateLimitedLog};
+
+/// Entries of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Maximum length of the serial number GET_ID returns (VIRTIO_BLK_ID_BYTES).
+pub const SERIAL_LEN: usize = 20;
+
+/// Data descriptors per request: the queue minus header and status.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Per-segment limit of discard and write-zeroes, in sectors (2 GiB).
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+const MAX_DISCARD_SEG: u32 = 32;
+/// Discard granularity hint, in sectors (4 KiB, so holes can be punched).
+const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+/// Size of the copy buffer between guest memory and the disk.
+const BOUNCE_LEN: usize = 128 * 1024;
+
+/// Length of the configuration space we expose (through `write_zeroes_may_unmap`+padding).
+const CONFIG_LEN: usize = 60;
+
+/// Errors of the block device: building it, and running a request against the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("serial number of {len} bytes is longer than 20")]
+    SerialTooLong { len: usize },
+    #[error("cannot create an EventFd")]
+    EventFd(#[source] io::Error),
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("disk I/O failed")]
+    Disk(#[source] DiskError),
+    #[error("guest memory access failed")]
+    GuestMemory(#[source] GuestMemoryError),
+    #[error("request offset overflows")]
+    Overflow,
+}
+
+/// What `activate` handed over.
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: VirtioInterrupt,
+}
+
+/// Request execution state, apart from the queue so both can be borrowed at once.
+struct Io {
+    disk: Box<dyn DiskBackend>,
+    read_only: bool,
+    serial: [u8; SERIAL_LEN],
+    limits: RequestLimits,
+    bounce: Vec<u8>,
+    metrics: Arc<BlockMetrics>,
+    log: RateLimitedLog,
+}
+
+/// A virtio-blk device. Share it as `Arc<Mutex<Block>>` with the transport and the VMM
+/// thread's `EventManager` (see [`crate::virtio`] for the wiring).
+pub struct Block {
+    io: Io,
+    features: u64,
+    config: [u8; CONFIG_LEN],
+    queue_max_sizes: [u16; 1],
+    queue_evts: [EventFd; 1],
+    pub(super) activate_evt: EventFd,
+    active: Option<Active>,
+    /// Whether the subscriber has put the queue EventFd into the event loop.
+    pub(super) queue_evt_registered: bool,
+}
+
+impl Block {
+    /// A device over `disk`. `serial` (at most 20 bytes) is what GET_ID returns.
+    pub fn new(disk: Box<dyn DiskBackend>, serial: Option<&str>) -> Result<Block, BlockError> {
+        let mut serial_bytes = [0u8; SERIAL_LEN];
+        if let Some(s) = serial {
+            let dst = serial_bytes
+                .get_mut(..s.len())
+                .ok_or(BlockError::SerialTooLong { len: s.len() })?;
+            dst.copy_from_slice(s.as_bytes());
+        }
+        let size = disk.size();
+        if size % SECTOR_SIZE != 0 {
+            log::warn!("virtio-blk: disk size {size} is not a multiple of 512; the tail is not visible");
+        }
+        let capacity = size / SECTOR_SIZE;
+        let read_only = disk.read_only();
+
+        let mut features = features::VERSION_1
+            | features::RING_EVENT_IDX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+
+        let limits = RequestLimits {
+            capacity,
+            max_data_descriptors: SEG_MAX as usize,
+            max_discard_segments: MAX_DISCARD_SEG,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_segments: MAX_DISCARD_SEG,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+        };
+        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd);
+        Ok(Block {
+            io: Io {
+                disk,
+                read_only,
+                serial: serial_bytes,
+                limits,
+                bounce: vec![0; BOUNCE_LEN],
+                metrics: Arc::default(),
+                log: RateLimitedLog::default(),
+            },
+            features,
+            config: config_space(&limits),
+            queue_max_sizes: [QUEUE_SIZE],
+            queue_evts: [new_evt()?],
+            activate_evt: new_evt()?,
+            active: None,
+            queue_evt_registered: false,
+        })
+    }
+
+    /// The device's counters (shared; read them without locking the device).
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.io.metrics.clone()
+    }
+
+    /// The queue's EventFd (the one the subscriber watches).
+    pub(super) fn queue_evt(&self) -> &EventFd {
+        let [evt] = &self.queue_evts;
+        evt
+    }
+
+    pub(super) fn log(&mut self) -> &mut RateLimitedLog {
+        &mut self.io.log
+    }
+
+    /// Processes every available request, then re-enables notifications; loops while the
+    /// driver added requests in between (virtio-queue's suppression protocol). Raises at
+    /// most one interrupt per batch, and only when the driver asked for it.
+    pub(super) fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Active { mem, queue, interrupt } = active;
+        let io = &mut self.io;
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                io.log.warn(format_args!("virtio-blk: cannot disable notifications: {e}"));
+                return;
+            }
+            let mut completed = 0u32;
+            loop {
+                let chain = match queue.iter(&*mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        io.log.warn(format_args!("virtio-blk: broken available ring: {e}"));
+                        None
+                    }
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let len = io.handle(mem, chain);
+                if let Err(e) = queue.add_used(&*mem, head, len) {
+                    io.log.warn(format_args!("virtio-blk: cannot complete request {head}: {e}"));
+                }
+                completed = completed.saturating_add(1);
+            }
+            if completed > 0 {
+                match queue.needs_notification(&*mem) {
+                    Ok(true) => {
+                        if let Err(e) = interrupt.signal_used_queue() {
+                            io.log.warn(format_args!("virtio-blk: cannot raise interrupt: {e}"));
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        io.log.warn(format_args!("virtio-blk: used_event unreadable: {e}"));
+                    }
+                }
+            }
+            match queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    io.log.warn(format_args!("virtio-blk: cannot enable notifications: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Io {
+    /// Runs one chain; returns the used length (bytes written into the guest).
+    fn handle(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        self.metrics.add(Counter::Requests, 1);
+        let head = chain.head_index();
+        let request = match request::parse(chain, &self.limits) {
+            Ok(r) => r,
+            Err(rejected) => {
+                self.metrics.add(Counter::InvalidRequests, 1);
+                self.log.warn(format_args!(
+                    "virtio-blk: request {head} refused: {}",
+                    rejected.error
+                ));
+                return match rejected.status {
+                    Some(addr) if mem.write_obj(rejected.error.status(), addr).is_ok() => 1,
+                    _ => 0,
+                };
+            }
+        };
+        let (status, written) = match self.execute(mem, &request.kind) {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(e) => {
+                self.metrics.add(Counter::IoErrors, 1);
+                let cause = std::error::Error::source(&e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                self.log.warn(format_args!("virtio-blk: request {head} failed: {e}{cause}"));
+                (VIRTIO_BLK_S_IOERR as u8, 0)
+            }
+        };
+        match mem.write_obj(status, request.status) {
+            Ok(()) => written.saturating_add(1),
+            Err(e) => {
+                self.log.warn(format_args!("virtio-blk: cannot write status of {head}: {e}"));
+                written
+            }
+        }
+    }
+
+    /// Executes a parsed request; returns the bytes written into guest buffers.
+    fn execute(&mut self, mem: &GuestMemoryMmap, kind: &RequestKind) -> Result<u32, BlockError> {
+        let refuse_ro = |ro: bool| if ro { Err(BlockError::ReadOnly) } else { Ok(()) };
+        match kind {
+            RequestKind::In { offset, data } => {
+                self.metrics.add(Counter::Reads, 1);
+                let n = self.copy(mem, *offset, data, Direction::ToGuest)?;
+                self.metrics.add(Counter::ReadBytes, u64::from(n));
+                Ok(n)
+            }
+            RequestKind::Out { offset, data } => {
+                self.metrics.add(Counter::Writes, 1);
+                refuse_ro(self.read_only)?;
+                let n = self.copy(mem, *offset, data, Direction::ToDisk)?;
+                self.metrics.add(Counter::WriteBytes, u64::from(n));
+                Ok(0)
+            }
+            RequestKind::Flush => {
+                self.metrics.add(Counter::Flushes, 1);
+                self.disk.flush().map_err(BlockError::Disk)?;
+                Ok(0)
+            }
+            RequestKind::GetId { data } => {
+                self.metrics.add(Counter::GetIds, 1);
+                self.write_serial(mem, data)
+            }
+            RequestKind::Discard(ranges) => {
+                self.metrics.add(Counter::Discards, 1);
+                refuse_ro(self.read_only)?;
+                for r in ranges {
+                    self.disk.discard(r.offset, r.len).map_err(BlockError::Disk)?;
+                }
+                Ok(0)
+            }
+            RequestKind::WriteZeroes(ranges) => {
+                self.metrics.add(Counter::WriteZeroes, 1);
+                refuse_ro(self.read_only)?;
+                for &Range { offset, len, .. } in ranges {
+                    self.disk.write_zeroes(offset, len).map_err(BlockError::Disk)?;
+                }
+                Ok(0)
+            }
+        }
+    }
+
+    /// Copies between the disk at `offset` and the guest buffers, through the bounce buffer.
+    fn copy(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        mut offset: u64,
+        data: &[Segment],
+        dir: Direction,
+    ) -> Result<u32, BlockError> {
+        let mut total = 0u32;
+        for seg in data {
+            let mut done = 0u32;
+            while done < seg.len {
+                let n = seg.len.saturating_sub(done).min(BOUNCE_LEN as u32);
+                let buf = self.bounce.get_mut(..n as usize).ok_or(BlockError::Overflow)?;
+                let addr = seg.addr.checked_add(u64::from(done)).ok_or(BlockError::Overflow)?;
+                match dir {
+                    Direction::ToGuest => {
+                        self.disk.read_at(offset, buf).map_err(BlockError::Disk)?;
+                        mem.write_slice(buf, addr).map_err(BlockError::GuestMemory)?;
+                    }
+                    Direction::ToDisk => {
+                        mem.read_slice(buf, addr).map_err(BlockError::GuestMemory)?;
+                        self.disk.write_at(offset, buf).map_err(BlockError::Disk)?;
+                    }
+                }
+                offset = offset.checked_add(u64::from(n)).ok_or(BlockError::Overflow)?;
+                done = done.saturating_add(n);
+            }
+            total = total.saturating_add(seg.len);
+        }
+        Ok(total)
+    }
+
+    /// GET_ID: the serial, zero-padded to 20 bytes, truncated to the guest's buffers.
+    fn write_serial(&mut self, mem: &GuestMemoryMmap, data: &[Segment]) -> Result<u32, BlockError> {
+        let mut remaining: &[u8] = &self.serial;
+        let mut written = 0u32;
+        for seg in data {
+            if remaining.is_empty() {
+                break;
+            }
+            let n = remaining.len().min(seg.len as usize);
+            let (chunk, rest) = remaining.split_at(n);
+            mem.write_slice(chunk, seg.addr).map_err(BlockError::GuestMemory)?;
+            written = written.saturating_add(n as u32);
+            remaining = rest;
+        }
+        Ok(written)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    ToGuest,
+    ToDisk,
+}
+
+/// `struct virtio_blk_config` up to `write_zeroes_may_unmap` (virtio 1.x, 5.2.4).
+fn config_space(limits: &RequestLimits) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let fields: [(usize, &[u8]); 8] = [
+        (0, &limits.capacity.to_le_bytes()),
+        (12, &SEG_MAX.to_le_bytes()),
+        (20, &(SECTOR_SIZE as u32).to_le_bytes()),
+        (36, &limits.max_discard_sectors.to_le_bytes()),
+        (40, &limits.max_discard_segments.to_le_bytes()),
+        (44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes()),
+        (48, &limits.max_write_zeroes_sectors.to_le_bytes()),
+        (52, &limits.max_write_zeroes_segments.to_le_bytes()),
+    ];
+    for (at, bytes) in fields {
+        if let Some(dst) = c.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    }
+    // write_zeroes_may_unmap: the backend may punch holes for zeroed ranges.
+    if let Some(b) = c.get_mut(56) {
+        *b = 1;
+    }
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_id::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else { return };
+        let src = self.config.get(start..).unwrap_or_default();
+        let n = src.len().min(data.len());
+        if let (Some(dst), Some(src)) = (data.get_mut(..n), src.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Nothing in our configuration space is writable (no CONFIG_WCE).
+        self.io.log.warn(format_args!(
+            "virtio-blk: {}-byte config write at {offset:#x} ignored",
+            data.len()
+        ));
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = ctx.queues.len();
+        let Ok([queue]) = <[Queue; 1]>::try_from(ctx.queues) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        self.activate_evt.write(1).map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(Active { mem: ctx.mem, queue, interrupt: ctx.interrupt });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}

@@ -1,0 +1,1 @@
+//! Driver-harness tests of virtio-blk.
