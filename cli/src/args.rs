@@ -51,7 +51,12 @@ pub enum ArgsError {
     #[error("option {0} needs a value")]
     MissingValue(String),
     #[error("{option} takes a number from {min} to {max}, not {value:?}")]
-    BadNumber { option: String, value: String, min: u64, max: u64 },
+    BadNumber {
+        option: String,
+        value: String,
+        min: u64,
+        max: u64,
+    },
     #[error("--initrd and --no-initrd exclude each other")]
     InitrdConflict,
 }
@@ -61,7 +66,12 @@ fn number(option: &str, value: &str, min: u64, max: u64) -> Result<u64, ArgsErro
         .parse::<u64>()
         .ok()
         .filter(|n| (min..=max).contains(n))
-        .ok_or_else(|| ArgsError::BadNumber { option: option.into(), value: value.into(), min, max })
+        .ok_or_else(|| ArgsError::BadNumber {
+            option: option.into(),
+            value: value.into(),
+            min,
+            max,
+        })
 }
 
 pub fn parse(argv: &[String]) -> Result<Command, ArgsError> {
@@ -83,7 +93,12 @@ fn parse_run(argv: &[String]) -> Result<RunArgs, ArgsError> {
             Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
             _ => (opt.as_str(), None),
         };
-        let mut value = || inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| ArgsError::MissingValue(name.into()));
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| ArgsError::MissingValue(name.into()))
+        };
         match name {
             "--kernel" => a.kernel = Some(value()?.into()),
             "--initrd" => a.initrd = Some(value()?.into()),
@@ -112,7 +127,10 @@ mod tests {
 
     #[test]
     fn run_options() {
-        let Command::Run(r) = p("run --kernel /k --cpus=2 --memory 256 --cmdline x").unwrap() else { panic!() };
+        let Command::Run(r) = p("run --kernel /k --cpus=2 --memory 256 --cmdline x").unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(r.kernel, Some("/k".into()));
         assert_eq!((r.cpus, r.memory_mib), (2, 256));
         assert_eq!(r.cmdline.as_deref(), Some("x"));
@@ -123,11 +141,26 @@ mod tests {
     fn bad_input() {
         assert_eq!(p(""), Err(ArgsError::NoCommand));
         assert!(matches!(p("boot"), Err(ArgsError::UnknownCommand(_))));
-        assert!(matches!(p("run --cpus two"), Err(ArgsError::BadNumber { .. })));
-        assert!(matches!(p("run --cpus 300"), Err(ArgsError::BadNumber { .. })));
-        assert!(matches!(p("run --memory -1"), Err(ArgsError::BadNumber { .. })));
+        assert!(matches!(
+            p("run --cpus two"),
+            Err(ArgsError::BadNumber { .. })
+        ));
+        assert!(matches!(
+            p("run --cpus 300"),
+            Err(ArgsError::BadNumber { .. })
+        ));
+        assert!(matches!(
+            p("run --memory -1"),
+            Err(ArgsError::BadNumber { .. })
+        ));
         assert!(matches!(p("run --kernel"), Err(ArgsError::MissingValue(_))));
-        assert!(matches!(p("run --frobnicate"), Err(ArgsError::UnknownOption(_))));
-        assert_eq!(p("run --initrd x --no-initrd"), Err(ArgsError::InitrdConflict));
+        assert!(matches!(
+            p("run --frobnicate"),
+            Err(ArgsError::UnknownOption(_))
+        ));
+        assert_eq!(
+            p("run --initrd x --no-initrd"),
+            Err(ArgsError::InitrdConflict)
+        );
     }
 }

@@ -34,6 +34,10 @@ pub fn default_asset(name: &'static str) -> Result<PathBuf, AssetError> {
         .find(|p| p.exists())
         .ok_or_else(|| AssetError {
             name,
-            searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+            searched: dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
 }

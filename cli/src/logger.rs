@@ -11,7 +11,11 @@ impl Log for Stderr {
     }
     fn log(&self, r: &Record) {
         if self.enabled(r.metadata()) {
-            eprintln!("kestrel: {}: {}", r.level().as_str().to_lowercase(), r.args());
+            eprintln!(
+                "kestrel: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
         }
     }
     fn flush(&self) {}

@@ -87,7 +87,11 @@ fn run_vm(run: RunArgs, start: Instant) -> Result<i32, Box<dyn Error>> {
     }
     config.vcpus = run.cpus;
     config.memory_mib = run.memory_mib;
-    config.console_in = std::io::stdin().as_fd().try_clone_to_owned().ok().map(std::fs::File::from);
+    config.console_in = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(std::fs::File::from);
     config.on_boot = Some(Box::new(|elapsed| {
         eprintln!("kestrel: guest boot time {:.1} ms (from kestrel start to the guest's boot-timer write)", elapsed.as_secs_f64() * 1000.0);
     }));
@@ -99,4 +103,3 @@ fn run_vm(run: RunArgs, start: Instant) -> Result<i32, Box<dyn Error>> {
     }
     Ok(exit.status())
 }
-

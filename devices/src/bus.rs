@@ -135,18 +135,33 @@ mod tests {
         bus.insert(d(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(d(), 0x108, 0x10),
-            Err(BusError::Overlap { base: 0x108, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0x108,
+                len: 0x10
+            })
         );
         assert_eq!(
             bus.insert(d(), 0xf8, 0x10),
-            Err(BusError::Overlap { base: 0xf8, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
         );
         assert!(bus.insert(d(), 0x110, 0x10).is_ok());
         assert!(bus.insert(d(), 0xf0, 0x10).is_ok());
-        assert_eq!(bus.insert(d(), 0x200, 0), Err(BusError::BadRange { base: 0x200, len: 0 }));
+        assert_eq!(
+            bus.insert(d(), 0x200, 0),
+            Err(BusError::BadRange {
+                base: 0x200,
+                len: 0
+            })
+        );
         assert_eq!(
             bus.insert(d(), u64::MAX, 2),
-            Err(BusError::BadRange { base: u64::MAX, len: 2 })
+            Err(BusError::BadRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
     }
 }

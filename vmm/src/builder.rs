@@ -101,13 +101,22 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
                 .setup_header
                 .map(|h| u64::from(h.initrd_addr_max))
                 .filter(|&m| m > 0)
-                .map_or(boot::low_ram_end(mem_size), |m| m.saturating_add(1).min(boot::low_ram_end(mem_size)));
+                .map_or(boot::low_ram_end(mem_size), |m| {
+                    m.saturating_add(1).min(boot::low_ram_end(mem_size))
+                });
             Some(boot::load_initrd(mem, path, kernel.end, limit)?)
         }
         None => None,
     };
     boot::write_cmdline(mem, &config.cmdline)?;
-    boot::write_boot_info(mem, &kernel, config.cmdline.len(), initrd, mem_size, config.vcpus)?;
+    boot::write_boot_info(
+        mem,
+        &kernel,
+        config.cmdline.len(),
+        initrd,
+        mem_size,
+        config.vcpus,
+    )?;
     regs::write_boot_tables(mem, kernel.protocol).map_err(BuildVmError::BootTables)?;
 
     // Legacy devices.
@@ -120,20 +129,36 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
         })
     });
     let serial = Arc::new(Mutex::new(
-        SerialConsole::new(irq_line(&vm, legacy::COM1_IRQ, "serial")?, config.console_out)
-            .map_err(BuildVmError::Serial)?,
+        SerialConsole::new(
+            irq_line(&vm, legacy::COM1_IRQ, "serial")?,
+            config.console_out,
+        )
+        .map_err(BuildVmError::Serial)?,
     ));
-    let i8042 = Arc::new(Mutex::new(I8042::new(irq_line(&vm, legacy::I8042_IRQ, "i8042")?, exit_hook.clone())));
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        irq_line(&vm, legacy::I8042_IRQ, "i8042")?,
+        exit_hook.clone(),
+    )));
     let on_boot = config.on_boot.take().unwrap_or_else(|| {
         Box::new(|elapsed| log::info!("guest booted in {:.1} ms", elapsed.as_secs_f64() * 1000.0))
     });
     let mut pio = Bus::new();
-    pio.insert(serial.clone(), legacy::COM1_PORT, 8).map_err(BuildVmError::Bus)?;
-    pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_PORT_LEN).map_err(BuildVmError::Bus)?;
-    pio.insert(Arc::new(Mutex::new(BootTimer::new(config.start_time, on_boot))), legacy::BOOT_TIMER_PORT, 1)
+    pio.insert(serial.clone(), legacy::COM1_PORT, 8)
         .map_err(BuildVmError::Bus)?;
-    pio.insert(Arc::new(Mutex::new(ExitPort::new(exit_hook))), legacy::EXIT_PORT, 1)
+    pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_PORT_LEN)
         .map_err(BuildVmError::Bus)?;
+    pio.insert(
+        Arc::new(Mutex::new(BootTimer::new(config.start_time, on_boot))),
+        legacy::BOOT_TIMER_PORT,
+        1,
+    )
+    .map_err(BuildVmError::Bus)?;
+    pio.insert(
+        Arc::new(Mutex::new(ExitPort::new(exit_hook))),
+        legacy::EXIT_PORT,
+        1,
+    )
+    .map_err(BuildVmError::Bus)?;
     let mmio = Bus::new();
 
     // vCPUs.
@@ -150,9 +175,16 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     }
 
     // The VMM thread's event sources.
-    let mut manager = Manager::new().map_err(|e| BuildVmError::Device("event manager", std::io::Error::other(e.to_string())))?;
-    let control = vmm_thread::add_core_subscribers(&mut manager, &exit, i8042, &serial, config.console_in.take())
-        .map_err(|e| BuildVmError::Device("control channel", e))?;
+    let mut manager = Manager::new()
+        .map_err(|e| BuildVmError::Device("event manager", std::io::Error::other(e.to_string())))?;
+    let control = vmm_thread::add_core_subscribers(
+        &mut manager,
+        &exit,
+        i8042,
+        &serial,
+        config.console_in.take(),
+    )
+    .map_err(|e| BuildVmError::Device("control channel", e))?;
 
     vcpu::install_kick_handler()?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
@@ -168,7 +200,12 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
             }
         }
     }
-    let vmm = VmmThread { manager, exit: exit.clone(), vcpus: threads, on_exit: config.on_exit.take() };
+    let vmm = VmmThread {
+        manager,
+        exit: exit.clone(),
+        vcpus: threads,
+        on_exit: config.on_exit.take(),
+    };
     // The VM (KVM fds, guest memory) lives as long as the VMM thread.
     let thread = thread::Builder::new()
         .name("vmm".into())

@@ -8,10 +8,16 @@ use std::time::{Duration, Instant};
 use crate::arch::mptable::MAX_CPUS;
 use crate::exit::VmExit;
 
+/// Called once, on the VMM thread, with how the VM ended.
+pub type OnExit = Box<dyn FnOnce(&VmExit) + Send>;
+/// Called once, on a vCPU thread, with the guest's boot time.
+pub type OnBoot = Box<dyn FnOnce(Duration) + Send>;
+
 /// The command line kestrel gives a guest unless told otherwise: console on COM1, reset
 /// through the i8042 on reboot and on panic (both end the VM), no waiting on legacy
 /// hardware that is not there.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd nomodule tsc=reliable";
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd nomodule tsc=reliable";
 
 /// A VM to build and start.
 pub struct VmConfig {
@@ -28,9 +34,9 @@ pub struct VmConfig {
     /// When the VMM process started: the boot timer reports guest boot relative to it.
     pub start_time: Instant,
     /// Called once, on a vCPU thread, when the guest signals the boot timer.
-    pub on_boot: Option<Box<dyn FnOnce(Duration) + Send>>,
+    pub on_boot: Option<OnBoot>,
     /// Called once, on the VMM thread, when the VM has stopped and its vCPUs are joined.
-    pub on_exit: Option<Box<dyn FnOnce(&VmExit) + Send>>,
+    pub on_exit: Option<OnExit>,
 }
 
 impl VmConfig {
@@ -100,7 +106,12 @@ pub fn validate(
     }
     match memory_mib {
         0 => return Err(ConfigError::NoMemory),
-        m if m > host_mib => return Err(ConfigError::MemoryTooLarge { asked: m, host: host_mib }),
+        m if m > host_mib => {
+            return Err(ConfigError::MemoryTooLarge {
+                asked: m,
+                host: host_mib,
+            })
+        }
         _ => {}
     }
     if !kernel.exists() {
@@ -120,14 +131,38 @@ mod tests {
     #[test]
     fn refuses_bad_sizes_and_paths() {
         let k = Path::new("/proc/self/exe");
-        assert_eq!(validate(0, 128, 8, 1024, k, None), Err(ConfigError::NoVcpus));
-        assert_eq!(validate(9, 128, 8, 1024, k, None), Err(ConfigError::TooManyVcpus { asked: 9, max: 8 }));
-        assert_eq!(validate(300, 128, 1024, 1024, k, None), Err(ConfigError::TooManyVcpus { asked: 300, max: 254 }));
+        assert_eq!(
+            validate(0, 128, 8, 1024, k, None),
+            Err(ConfigError::NoVcpus)
+        );
+        assert_eq!(
+            validate(9, 128, 8, 1024, k, None),
+            Err(ConfigError::TooManyVcpus { asked: 9, max: 8 })
+        );
+        assert_eq!(
+            validate(300, 128, 1024, 1024, k, None),
+            Err(ConfigError::TooManyVcpus {
+                asked: 300,
+                max: 254
+            })
+        );
         assert_eq!(validate(1, 0, 8, 1024, k, None), Err(ConfigError::NoMemory));
-        assert_eq!(validate(1, 2048, 8, 1024, k, None), Err(ConfigError::MemoryTooLarge { asked: 2048, host: 1024 }));
+        assert_eq!(
+            validate(1, 2048, 8, 1024, k, None),
+            Err(ConfigError::MemoryTooLarge {
+                asked: 2048,
+                host: 1024
+            })
+        );
         let missing = Path::new("/nonexistent/vmlinux");
-        assert_eq!(validate(1, 128, 8, 1024, missing, None), Err(ConfigError::KernelMissing(missing.into())));
-        assert_eq!(validate(1, 128, 8, 1024, k, Some(missing)), Err(ConfigError::InitrdMissing(missing.into())));
+        assert_eq!(
+            validate(1, 128, 8, 1024, missing, None),
+            Err(ConfigError::KernelMissing(missing.into()))
+        );
+        assert_eq!(
+            validate(1, 128, 8, 1024, k, Some(missing)),
+            Err(ConfigError::InitrdMissing(missing.into()))
+        );
         assert!(validate(8, 1024, 8, 1024, k, None).is_ok());
     }
 

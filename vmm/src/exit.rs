@@ -87,7 +87,10 @@ impl ExitState {
 
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<VmExit> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Readable once an exit was requested.

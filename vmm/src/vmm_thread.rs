@@ -165,7 +165,12 @@ impl MutEventSubscriber for ConsoleInput {
                         return;
                     }
                     Ok(n) => self.pending.extend_from_slice(buf.get(..n).unwrap_or(&[])),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e)
+                        if e.kind() == io::ErrorKind::Interrupted
+                            || e.kind() == io::ErrorKind::WouldBlock =>
+                    {
+                        return
+                    }
                     Err(e) => {
                         log::warn!("console input closed: {e}");
                         self.set_input_watch(ops, false);
@@ -196,7 +201,7 @@ pub(crate) struct VmmThread {
     pub manager: Manager,
     pub exit: Arc<ExitState>,
     pub vcpus: Vec<VcpuThread>,
-    pub on_exit: Option<Box<dyn FnOnce(&VmExit) + Send>>,
+    pub on_exit: Option<crate::config::OnExit>,
 }
 
 /// Builds the subscribers every VM has; returns the control sender.
@@ -211,7 +216,12 @@ pub(crate) fn add_core_subscribers(
     manager.add_subscriber(Arc::new(Mutex::new(ExitWatch(exit.clone()))));
     let (tx, rx) = mpsc::channel();
     let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-    manager.add_subscriber(Arc::new(Mutex::new(Control { rx, evt: evt.clone(), i8042, exit: exit.clone() })));
+    manager.add_subscriber(Arc::new(Mutex::new(Control {
+        rx,
+        evt: evt.clone(),
+        i8042,
+        exit: exit.clone(),
+    })));
     if let Some(input) = console_in {
         let drained = serial
             .lock()
@@ -235,7 +245,8 @@ impl VmmThread {
     pub fn run(mut self) -> VmExit {
         while !self.exit.stopping() {
             if let Err(e) = self.manager.run() {
-                self.exit.request(VmExit::Crashed(format!("the VMM event loop failed: {e}")));
+                self.exit
+                    .request(VmExit::Crashed(format!("the VMM event loop failed: {e}")));
             }
         }
         for v in &self.vcpus {

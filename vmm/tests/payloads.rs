@@ -3,17 +3,23 @@
 //!
 //! Without a usable /dev/kvm every test prints `skipped: <reason>` and returns.
 
+// Test code: a failed setup step should panic with its cause.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm::{start_vm, BuildVmError, VmAction, VmConfig, VmExit};
 
 fn kvm_unavailable() -> Option<String> {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => None,
         Err(e) => Some(format!("/dev/kvm not usable: {e}")),
     }
@@ -28,44 +34,12 @@ macro_rules! require_kvm {
     };
 }
 
-fn payload_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("payloads");
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    })
-}
+#[path = "payloads/assemble.rs"]
+mod assemble;
+use assemble::payload;
 
-fn run_tool(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Assembles payload `name` (an ELF with a PVH note unless it is the bzImage).
-fn payload(name: &str) -> PathBuf {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/payloads");
-    let obj = payload_dir().join(format!("{name}.o"));
-    let out = payload_dir().join(name);
-    if out.exists() {
-        return out;
-    }
-    run_tool(Command::new("cc").arg("-c").arg("-o").arg(&obj).arg(src.join(format!("{name}.S"))));
-    if name == "bzimage" {
-        run_tool(Command::new("objcopy").args(["-O", "binary", "-j", ".text"]).arg(&obj).arg(&out));
-    } else {
-        run_tool(
-            Command::new("ld")
-                .args(["-m", "elf_x86_64", "-T"])
-                .arg(src.join("payload.ld"))
-                .arg("-o")
-                .arg(&out)
-                .arg(&obj),
-        );
-    }
-    out
+fn payload_dir() -> PathBuf {
+    assemble::out_dir()
 }
 
 #[derive(Clone, Default)]
@@ -115,7 +89,11 @@ fn boot(mut cfg: VmConfig, console: &Console) -> Outcome {
     });
     let exit = handle.wait();
     drop(watchdog);
-    Outcome { exit, console: console.text(), boot_time: rx.try_recv().ok() }
+    Outcome {
+        exit,
+        console: console.text(),
+        boot_time: rx.try_recv().ok(),
+    }
 }
 
 fn boot_payload(name: &str, cmdline: &str, vcpus: u8, memory_mib: u64) -> Outcome {
@@ -138,7 +116,10 @@ fn prints_on_com1_reports_boot_time_and_exits_with_status() {
 }
 
 fn field<'a>(console: &'a str, key: &str) -> Vec<&'a str> {
-    console.lines().filter_map(|l| l.strip_prefix(key)).collect()
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix(key))
+        .collect()
 }
 
 #[test]
@@ -164,8 +145,15 @@ fn pvh_boot_info_as_the_guest_sees_it() {
         ]
     );
     // One module: the initramfs, page-aligned at the top of RAM, 14 bytes, "INIT".
-    assert_eq!(field(&o.console, "modules="), ["00000001 03fff000 0000000e 54494e49"]);
-    assert_eq!(field(&o.console, "mptable="), ["5f504d5f"], "MP floating pointer at the EBDA");
+    assert_eq!(
+        field(&o.console, "modules="),
+        ["00000001 03fff000 0000000e 54494e49"]
+    );
+    assert_eq!(
+        field(&o.console, "mptable="),
+        ["5f504d5f"],
+        "MP floating pointer at the EBDA"
+    );
 }
 
 #[test]
@@ -190,7 +178,11 @@ fn all_vcpus_start_1_2_and_8() {
     for n in [1u8, 2, 8] {
         let o = boot_payload("smp", &n.to_string(), n, 128);
         assert_eq!(o.exit, VmExit::Exited(0), "{}", o.console);
-        assert_eq!(field(&o.console, "cpus="), [format!("{n:08x}")], "{n} vCPUs");
+        assert_eq!(
+            field(&o.console, "cpus="),
+            [format!("{n:08x}")],
+            "{n} vCPUs"
+        );
     }
 }
 
@@ -249,15 +241,24 @@ fn host_stops_a_halted_guest_without_waiting() {
         // Ctrl-Alt-Del is delivered (the payload ignores it), then Stop ends the VM.
         let (tx, rx) = mpsc::channel();
         let t = tx.clone();
-        handle.control().send(VmAction::CtrlAltDel, Box::new(move |r| t.send(r.is_ok()).unwrap()));
+        handle.control().send(
+            VmAction::CtrlAltDel,
+            Box::new(move |r| t.send(r.is_ok()).unwrap()),
+        );
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
-        handle.control().send(VmAction::Stop, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+        handle.control().send(
+            VmAction::Stop,
+            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+        );
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
         let control = handle.control();
         assert_eq!(handle.wait(), VmExit::Stopped);
         // After the VM is gone, actions fail cleanly instead of hanging.
         let (tx, rx) = mpsc::channel();
-        control.send(VmAction::Stop, Box::new(move |r| tx.send(r.is_err()).unwrap()));
+        control.send(
+            VmAction::Stop,
+            Box::new(move |r| tx.send(r.is_err()).unwrap()),
+        );
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
     }
 }
@@ -314,7 +315,10 @@ fn bad_input_is_refused_with_what_and_where() {
     assert!(start_err(c).contains("command line is 4000 bytes"));
     let mut c = config(payload("hello"), &console);
     let big = dir.join("big-initrd");
-    std::fs::File::create(&big).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     c.initrd = Some(big);
     c.memory_mib = 32;
     assert!(start_err(c).contains("does not fit in guest memory"));

@@ -87,7 +87,8 @@ impl I8042 {
         if self.buffer.len() + CTRL_ALT_DEL.len() + CTRL_BREAK.len() > BUFFER_LIMIT {
             return Err(I8042Error::BufferFull);
         }
-        self.buffer.extend(CTRL_ALT_DEL.iter().chain(CTRL_BREAK.iter()));
+        self.buffer
+            .extend(CTRL_ALT_DEL.iter().chain(CTRL_BREAK.iter()));
         self.update_status();
         self.irq.trigger().map_err(I8042Error::Irq)
     }
@@ -177,7 +178,10 @@ mod tests {
         let irq = CountingIrq::default();
         let exits = Arc::new(Mutex::new(Vec::new()));
         let e = exits.clone();
-        let d = I8042::new(Arc::new(irq.clone()), Arc::new(move |x| e.lock().unwrap().push(x)));
+        let d = I8042::new(
+            Arc::new(irq.clone()),
+            Arc::new(move |x| e.lock().unwrap().push(x)),
+        );
         (d, irq, exits)
     }
 

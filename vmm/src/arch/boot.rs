@@ -9,7 +9,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -43,7 +45,11 @@ pub enum BootError {
     #[error("cannot open initramfs {0}")]
     OpenInitrd(PathBuf, #[source] std::io::Error),
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel")]
-    InitrdTooBig { path: PathBuf, size: u64, limit: u64 },
+    InitrdTooBig {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("cannot read initramfs {0}")]
     ReadInitrd(PathBuf, #[source] vm_memory::GuestMemoryError),
     #[error("kernel command line is {0} bytes; the limit is {max}", max = CMDLINE_MAX_SIZE - 1)]
@@ -96,15 +102,22 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     let load_err = |e| BootError::LoadKernel(path.into(), e);
     match format {
         Some(KernelFormat::Elf) => {
-            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
             let (entry, protocol) = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => (addr.raw_value(), EntryProtocol::Pvh),
                 _ => (r.kernel_load.raw_value(), EntryProtocol::Linux64),
             };
-            Ok(LoadedKernel { entry, protocol, end: r.kernel_end, setup_header: None })
+            Ok(LoadedKernel {
+                entry,
+                protocol,
+                end: r.kernel_end,
+                setup_header: None,
+            })
         }
         Some(KernelFormat::BzImage) => {
-            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
             Ok(LoadedKernel {
                 entry: r.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET,
                 protocol: EntryProtocol::Linux64,
@@ -132,8 +145,15 @@ pub fn load_initrd(
     limit: u64,
 ) -> Result<InitrdLocation, BootError> {
     let mut file = File::open(path).map_err(|e| BootError::OpenInitrd(path.into(), e))?;
-    let size = file.metadata().map_err(|e| BootError::OpenInitrd(path.into(), e))?.len();
-    let too_big = || BootError::InitrdTooBig { path: path.into(), size, limit };
+    let size = file
+        .metadata()
+        .map_err(|e| BootError::OpenInitrd(path.into(), e))?
+        .len();
+    let too_big = || BootError::InitrdTooBig {
+        path: path.into(),
+        size,
+        limit,
+    };
     let addr = limit.checked_sub(size).ok_or_else(too_big)? & !(PAGE_SIZE - 1);
     if addr < kernel_end.max(HIMEM_START) {
         return Err(too_big());
@@ -210,13 +230,22 @@ fn write_pvh_info(
         ..Default::default()
     };
     for (i, &(addr, size)) in e820.iter().enumerate() {
-        let entry = hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 };
+        let entry = hvm_memmap_table_entry {
+            addr,
+            size,
+            type_: E820_RAM,
+            reserved: 0,
+        };
         let at = PVH_MEMMAP_ADDR + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
         mem.write_obj(entry, GuestAddress(at))
             .map_err(|e| BootError::Write("PVH memory map", e))?;
     }
     if let Some(rd) = initrd {
-        let module = hvm_modlist_entry { paddr: rd.addr, size: rd.size, ..Default::default() };
+        let module = hvm_modlist_entry {
+            paddr: rd.addr,
+            size: rd.size,
+            ..Default::default()
+        };
         mem.write_obj(module, GuestAddress(PVH_MODLIST_ADDR))
             .map_err(|e| BootError::Write("PVH module list", e))?;
         info.nr_modules = 1;
@@ -249,7 +278,11 @@ fn write_zero_page(
         params.hdr.ramdisk_size = rd.size as u32;
     }
     for (slot, &(addr, size)) in params.e820_table.iter_mut().zip(e820) {
-        *slot = boot_e820_entry { addr, size, r#type: E820_RAM };
+        *slot = boot_e820_entry {
+            addr,
+            size,
+            r#type: E820_RAM,
+        };
     }
     params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
@@ -267,7 +300,10 @@ mod tests {
 
     #[test]
     fn e820_skips_the_legacy_hole_and_the_mmio_gap() {
-        assert_eq!(e820_map(128 << 20), vec![(0, EBDA_START), (HIMEM_START, (128 << 20) - HIMEM_START)]);
+        assert_eq!(
+            e820_map(128 << 20),
+            vec![(0, EBDA_START), (HIMEM_START, (128 << 20) - HIMEM_START)]
+        );
         let big = e820_map(5 << 30);
         assert_eq!(big.len(), 3);
         assert_eq!(big[2], (1 << 32, (5 << 30) - MMIO_GAP_START));
@@ -278,7 +314,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kestrel-boot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("notakernel");
-        std::fs::File::create(&p).unwrap().write_all(b"#!/bin/sh\necho hi\n").unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(b"#!/bin/sh\necho hi\n")
+            .unwrap();
         let err = load_kernel(&mem(1 << 20), &p).unwrap_err();
         assert!(matches!(err, BootError::NotAKernel(_)), "{err}");
         let err = load_kernel(&mem(1 << 20), &dir.join("missing")).unwrap_err();
@@ -307,7 +346,13 @@ mod tests {
     fn cmdline_limits() {
         let m = mem(1 << 20);
         write_cmdline(&m, "console=ttyS0").unwrap();
-        assert!(matches!(write_cmdline(&m, &"x".repeat(3000)), Err(BootError::CmdlineTooLong(3000))));
-        assert!(matches!(write_cmdline(&m, "a\0b"), Err(BootError::CmdlineNul)));
+        assert!(matches!(
+            write_cmdline(&m, &"x".repeat(3000)),
+            Err(BootError::CmdlineTooLong(3000))
+        ));
+        assert!(matches!(
+            write_cmdline(&m, "a\0b"),
+            Err(BootError::CmdlineNul)
+        ));
     }
 }

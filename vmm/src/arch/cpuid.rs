@@ -19,26 +19,26 @@ enum Reg {
 
 /// What kvm_pvm's emulator cannot run, and what depends on it (AVX needs XSAVE).
 const PVM_HIDDEN: &[Feature] = &[
-    Feature(1, 0, Reg::Ecx, 1),   // pclmulqdq
-    Feature(1, 0, Reg::Ecx, 12),  // fma
-    Feature(1, 0, Reg::Ecx, 13),  // cx16 (cmpxchg16b)
-    Feature(1, 0, Reg::Ecx, 17),  // pcid
-    Feature(1, 0, Reg::Ecx, 20),  // sse4.2
-    Feature(1, 0, Reg::Ecx, 23),  // popcnt
-    Feature(1, 0, Reg::Ecx, 25),  // aes
-    Feature(1, 0, Reg::Ecx, 26),  // xsave
-    Feature(1, 0, Reg::Ecx, 27),  // osxsave
-    Feature(1, 0, Reg::Ecx, 28),  // avx
-    Feature(1, 0, Reg::Ecx, 29),  // f16c
-    Feature(1, 0, Reg::Ecx, 30),  // rdrand
-    Feature(7, 0, Reg::Ebx, 0),   // fsgsbase
-    Feature(7, 0, Reg::Ebx, 5),   // avx2
-    Feature(7, 0, Reg::Ebx, 10),  // invpcid
-    Feature(7, 0, Reg::Ebx, 16),  // avx512f
-    Feature(7, 0, Reg::Ebx, 18),  // rdseed
-    Feature(7, 0, Reg::Ebx, 20),  // smap
-    Feature(7, 0, Reg::Ebx, 29),  // sha_ni
-    Feature(7, 0, Reg::Ecx, 22),  // rdpid
+    Feature(1, 0, Reg::Ecx, 1),  // pclmulqdq
+    Feature(1, 0, Reg::Ecx, 12), // fma
+    Feature(1, 0, Reg::Ecx, 13), // cx16 (cmpxchg16b)
+    Feature(1, 0, Reg::Ecx, 17), // pcid
+    Feature(1, 0, Reg::Ecx, 20), // sse4.2
+    Feature(1, 0, Reg::Ecx, 23), // popcnt
+    Feature(1, 0, Reg::Ecx, 25), // aes
+    Feature(1, 0, Reg::Ecx, 26), // xsave
+    Feature(1, 0, Reg::Ecx, 27), // osxsave
+    Feature(1, 0, Reg::Ecx, 28), // avx
+    Feature(1, 0, Reg::Ecx, 29), // f16c
+    Feature(1, 0, Reg::Ecx, 30), // rdrand
+    Feature(7, 0, Reg::Ebx, 0),  // fsgsbase
+    Feature(7, 0, Reg::Ebx, 5),  // avx2
+    Feature(7, 0, Reg::Ebx, 10), // invpcid
+    Feature(7, 0, Reg::Ebx, 16), // avx512f
+    Feature(7, 0, Reg::Ebx, 18), // rdseed
+    Feature(7, 0, Reg::Ebx, 20), // smap
+    Feature(7, 0, Reg::Ebx, 29), // sha_ni
+    Feature(7, 0, Reg::Ecx, 22), // rdpid
 ];
 
 const HYPERVISOR_BIT: u32 = 1 << 31;
@@ -62,7 +62,9 @@ pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, hide_for_pvm: bool) 
         match e.function {
             1 => {
                 // Initial APIC id, logical processor count, HTT when more than one.
-                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(cpu_id) << 24) | (u32::from(cpu_count) << 16);
+                e.ebx = (e.ebx & 0x0000_ffff)
+                    | (u32::from(cpu_id) << 24)
+                    | (u32::from(cpu_count) << 16);
                 if cpu_count > 1 {
                     e.edx |= HTT_BIT;
                 } else {
@@ -76,7 +78,10 @@ pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, hide_for_pvm: bool) 
         }
         if hide_for_pvm {
             let (function, index) = (e.function, e.index);
-            for f in PVM_HIDDEN.iter().filter(|f| f.0 == function && f.1 == index) {
+            for f in PVM_HIDDEN
+                .iter()
+                .filter(|f| f.0 == function && f.1 == index)
+            {
                 *reg_mut(e, f.2) &= !(1 << f.3);
             }
             if e.function == 0xd {

@@ -48,7 +48,10 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_GAP_START {
         vec![(0, mem_size)]
     } else {
-        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, mem_size - MMIO_GAP_START)]
+        vec![
+            (0, MMIO_GAP_START),
+            (MMIO_GAP_END, mem_size - MMIO_GAP_START),
+        ]
     }
 }
 
@@ -62,7 +65,10 @@ mod tests {
         assert_eq!(ram_regions(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
         assert_eq!(
             ram_regions(4 << 30),
-            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)]
+            vec![
+                (0, MMIO_GAP_START),
+                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
+            ]
         );
     }
 }

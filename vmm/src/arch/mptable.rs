@@ -26,7 +26,10 @@ pub enum MpTableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the floating pointer structure followed by the configuration table, for a
@@ -125,8 +128,14 @@ mod tests {
         let count = u16::from_le_bytes([table[34], table[35]]);
         assert_eq!(count, 8 + 1 + 1 + 24 + 2);
         // The first entry is the boot processor with APIC id 0; the eighth is id 7.
-        assert_eq!(&table[44..48], &[0, 0, APIC_VERSION, CPU_ENABLED | CPU_BOOT]);
-        assert_eq!(&table[44 + 7 * 20..44 + 7 * 20 + 4], &[0, 7, APIC_VERSION, CPU_ENABLED]);
+        assert_eq!(
+            &table[44..48],
+            &[0, 0, APIC_VERSION, CPU_ENABLED | CPU_BOOT]
+        );
+        assert_eq!(
+            &table[44 + 7 * 20..44 + 7 * 20 + 4],
+            &[0, 7, APIC_VERSION, CPU_ENABLED]
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, PVH_INFO_ADDR, ZERO_PAGE_ADDR};
+use super::layout::{
+    BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, PVH_INFO_ADDR,
+    ZERO_PAGE_ADDR,
+};
 
 /// Which entry protocol the kernel is started with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,13 +79,19 @@ fn gdt(protocol: EntryProtocol) -> [u64; 4] {
         EntryProtocol::Pvh => gdt_entry(0xc09b, 0, 0xfffff), // 32-bit, 4 GiB
         EntryProtocol::Linux64 => gdt_entry(0xa09b, 0, 0xfffff), // 64-bit
     };
-    [0, code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+    [
+        0,
+        code,
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x808b, 0, 0xfffff),
+    ]
 }
 
 /// Writes the GDT, an empty IDT and (for 64-bit entry) identity-mapping page tables.
 pub fn write_boot_tables(mem: &GuestMemoryMmap, protocol: EntryProtocol) -> Result<(), RegsError> {
     let w = |what, addr: u64, v: u64| {
-        mem.write_obj(v, GuestAddress(addr)).map_err(|e| RegsError::Write(what, e))
+        mem.write_obj(v, GuestAddress(addr))
+            .map_err(|e| RegsError::Write(what, e))
     };
     for (i, e) in gdt(protocol).iter().enumerate() {
         w("GDT", GDT_ADDR + 8 * i as u64, *e)?;
@@ -205,7 +214,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode() {
         let c = segment(gdt(EntryProtocol::Linux64)[1], 1);
-        assert_eq!((c.l, c.db, c.present, c.type_, c.selector), (1, 0, 1, 0xb, 8));
+        assert_eq!(
+            (c.l, c.db, c.present, c.type_, c.selector),
+            (1, 0, 1, 0xb, 8)
+        );
         assert_eq!(c.limit, 0xffff_ffff);
         let c32 = segment(gdt(EntryProtocol::Pvh)[1], 1);
         assert_eq!((c32.l, c32.db, c32.g), (0, 1, 1));

@@ -11,7 +11,9 @@ use std::ptr;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
-use kvm_bindings::{kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -80,25 +82,50 @@ impl Vcpu {
     }
 
     fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError + '_ {
-        move |source| VcpuError::Kvm { what, id: self.id, source }
+        move |source| VcpuError::Kvm {
+            what,
+            id: self.id,
+            source,
+        }
     }
 
     /// Sets CPUID, MSRs, FPU and LAPIC; for the boot CPU also the entry registers.
     /// Application processors wait for INIT/SIPI from the guest (in-kernel LAPIC).
-    pub fn configure(&self, cpuid: &CpuId, boot: Option<(u64, EntryProtocol)>) -> Result<(), VcpuError> {
-        self.fd.set_cpuid2(cpuid).map_err(self.kvm_err("set the CPUID"))?;
+    pub fn configure(
+        &self,
+        cpuid: &CpuId,
+        boot: Option<(u64, EntryProtocol)>,
+    ) -> Result<(), VcpuError> {
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(self.kvm_err("set the CPUID"))?;
         let entries = regs::boot_msrs();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|_| VcpuError::Kvm { what: "build the MSR list", id: self.id, source: kvm_ioctls::Error::new(libc::EINVAL) })?;
-        let set = self.fd.set_msrs(&msrs).map_err(self.kvm_err("set the boot MSRs"))?;
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm {
+            what: "build the MSR list",
+            id: self.id,
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.kvm_err("set the boot MSRs"))?;
         if set != entries.len() {
             let missing = entries.get(set).map(|e| e.index).unwrap_or_default();
-            log::debug!("vCPU {}: KVM set {set} of {} boot MSRs (stopped at {missing:#x})", self.id, entries.len());
+            log::debug!(
+                "vCPU {}: KVM set {set} of {} boot MSRs (stopped at {missing:#x})",
+                self.id,
+                entries.len()
+            );
         }
-        self.fd.set_fpu(&regs::fpu()).map_err(self.kvm_err("set the FPU state"))?;
+        self.fd
+            .set_fpu(&regs::fpu())
+            .map_err(self.kvm_err("set the FPU state"))?;
         self.set_lint()?;
         if let Some((entry, protocol)) = boot {
-            let sregs = self.fd.get_sregs().map_err(self.kvm_err("read the special registers"))?;
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(self.kvm_err("read the special registers"))?;
             self.fd
                 .set_sregs(&regs::sregs(sregs, protocol))
                 .map_err(self.kvm_err("set the special registers"))?;
@@ -110,9 +137,14 @@ impl Vcpu {
     }
 
     fn set_lint(&self) -> Result<(), VcpuError> {
-        let mut lapic = self.fd.get_lapic().map_err(self.kvm_err("read the LAPIC"))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(self.kvm_err("read the LAPIC"))?;
         for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-            let Some(bytes) = lapic.regs.get_mut(reg..reg + 4) else { continue };
+            let Some(bytes) = lapic.regs.get_mut(reg..reg + 4) else {
+                continue;
+            };
             let mut raw = [0u8; 4];
             for (d, s) in raw.iter_mut().zip(bytes.iter()) {
                 *d = *s as u8;
@@ -122,11 +154,18 @@ impl Vcpu {
                 *d = s as libc::c_char;
             }
         }
-        self.fd.set_lapic(&lapic).map_err(self.kvm_err("set the LAPIC"))
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.kvm_err("set the LAPIC"))
     }
 
     /// Starts the vCPU on its own thread.
-    pub fn start(self, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<ExitState>) -> Result<VcpuThread, VcpuError> {
+    pub fn start(
+        self,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitState>,
+    ) -> Result<VcpuThread, VcpuError> {
         let id = self.id;
         let handle = thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -162,7 +201,10 @@ impl Vcpu {
                     None
                 }
                 Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault),
-                Ok(VcpuExit::Hlt) => Some(VmExit::Crashed(format!("vCPU {} halted with the irqchip in userspace", self.id))),
+                Ok(VcpuExit::Hlt) => Some(VmExit::Crashed(format!(
+                    "vCPU {} halted with the irqchip in userspace",
+                    self.id
+                ))),
                 Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                     KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
                     KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Exited(0),
@@ -175,14 +217,23 @@ impl Vcpu {
                 ))),
                 Ok(VcpuExit::InternalError) => {
                     let detail = self.internal_error_detail();
-                    Some(VmExit::Crashed(format!("KVM internal error on vCPU {}: {detail}", self.id)))
+                    Some(VmExit::Crashed(format!(
+                        "KVM internal error on vCPU {}: {detail}",
+                        self.id
+                    )))
                 }
-                Ok(other) => Some(VmExit::Crashed(format!("unexpected exit on vCPU {}: {other:?}", self.id))),
+                Ok(other) => Some(VmExit::Crashed(format!(
+                    "unexpected exit on vCPU {}: {other:?}",
+                    self.id
+                ))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     None
                 }
-                Err(e) => Some(VmExit::Crashed(format!("KVM_RUN failed on vCPU {}: {e}", self.id))),
+                Err(e) => Some(VmExit::Crashed(format!(
+                    "KVM_RUN failed on vCPU {}: {e}",
+                    self.id
+                ))),
             };
             if let Some(reason) = reason {
                 exit.request(reason);
@@ -197,14 +248,23 @@ impl Vcpu {
         // the one KVM filled in.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let data: Vec<String> = internal.data.iter().take(n).map(|d| format!("{d:#x}")).collect();
+        let data: Vec<String> = internal
+            .data
+            .iter()
+            .take(n)
+            .map(|d| format!("{d:#x}"))
+            .collect();
         let what = match internal.suberror {
             1 => "emulation failure",
             2 => "simultaneous exception",
             3 => "delivery event",
             _ => "other",
         };
-        format!("suberror {} ({what}), data [{}]", internal.suberror, data.join(", "))
+        format!(
+            "suberror {} ({what}), data [{}]",
+            internal.suberror,
+            data.join(", ")
+        )
     }
 }
 

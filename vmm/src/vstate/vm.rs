@@ -4,9 +4,12 @@
 
 use std::io;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestAddress};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vcpu::Vcpu;
@@ -49,7 +52,9 @@ impl Vm {
         if version != 12 {
             return Err(VmError::KvmApiVersion(version));
         }
-        let fd = kvm.create_vm().map_err(|e| VmError::Kvm("create a VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("create a VM", e))?;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(|e| VmError::Kvm("set the TSS address", e))?;
 
@@ -58,11 +63,12 @@ impl Vm {
             .iter()
             .map(|&(a, l)| (GuestAddress(a), l as usize))
             .collect();
-        let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(total >> 20, e))?;
+        let memory =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(total >> 20, e))?;
         for (slot, region) in memory.iter().enumerate() {
-            let host = memory
-                .get_host_address(region.start_addr())
-                .map_err(|_| VmError::Kvm("map guest memory", kvm_ioctls::Error::new(libc::EFAULT)))?;
+            let host = memory.get_host_address(region.start_addr()).map_err(|_| {
+                VmError::Kvm("map guest memory", kvm_ioctls::Error::new(libc::EFAULT))
+            })?;
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().raw_value(),
@@ -76,9 +82,14 @@ impl Vm {
                 .map_err(|e| VmError::Kvm("register guest memory", e))?;
         }
 
-        fd.create_irq_chip().map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
         Ok(Vm { kvm, fd, memory })
     }
 
@@ -100,12 +111,19 @@ impl Vm {
 
     /// Routes writes of `evt` to interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd.register_irqfd(evt, gsi).map_err(|e| VmError::Kvm("register an irqfd", e))
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|e| VmError::Kvm("register an irqfd", e))
     }
 
     /// Signals `evt` when the guest writes `datamatch` (4 bytes) to MMIO address `addr`,
     /// without an exit to userspace.
-    pub fn register_mmio_doorbell(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), VmError> {
+    pub fn register_mmio_doorbell(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(|e| VmError::Kvm("register an ioeventfd", e))
@@ -113,7 +131,10 @@ impl Vm {
 
     /// Creates vCPU `id` (its APIC id).
     pub fn create_vcpu(&self, id: u8) -> Result<Vcpu, VmError> {
-        let fd = self.fd.create_vcpu(u64::from(id)).map_err(|e| VmError::Kvm("create a vCPU", e))?;
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::Kvm("create a vCPU", e))?;
         Ok(Vcpu::new(id, fd))
     }
 }
