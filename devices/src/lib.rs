@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod disk;
+pub mod image;
 pub mod irq;
 pub mod legacy;
 pub mod virtio;

@@ -5,6 +5,9 @@
 //! copy-on-write overlay over a shared read-only raw base. Backends are used from the VMM
 //! thread only (one request at a time per device), hence `&mut self` and `Send`.
 
+pub mod overlay;
+pub mod raw;
+
 use std::io;
 
 /// Errors of a disk backend. Offsets are byte offsets into the virtual disk.

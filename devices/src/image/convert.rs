@@ -1,0 +1,367 @@
+//! Streaming QCOW2/raw → raw conversion with sparse output and bounded memory.
+//!
+//! Runs before the VM exists, on the caller's thread (the image cache or the `kestrel
+//! convert` command); nothing here is used by the VMM.
+//!
+//! Memory is bounded by the cluster size, not the image: the L1 table is read in pieces
+//! of at most [`L1_CHUNK_ENTRIES`] entries, one L2 table (one cluster) at a time, runs of
+//! contiguous data clusters up to [`RUN_BYTES`], and a write buffer of [`RUN_BYTES`].
+//! The output is sized with `ftruncate` first; unallocated clusters, zero clusters and
+//! all-zero [`ZERO_BLOCK`]-byte blocks of data are never written, so they stay holes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::qcow2::{read_up_to, ClusterMapping, Decompressor, Qcow2Error, Qcow2Header};
+use super::ImageFormat;
+
+/// Granularity of zero detection in the output (and of its holes).
+pub const ZERO_BLOCK: usize = 4096;
+/// Largest read of contiguous data clusters, and size of the output buffer.
+pub const RUN_BYTES: usize = 2 << 20;
+/// L1 entries read at once.
+pub const L1_CHUNK_ENTRIES: usize = 4096;
+
+/// Why a conversion failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("the QCOW2 input is refused or unreadable")]
+    Qcow2(#[source] Qcow2Error),
+    #[error("I/O error on the {what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the raw input is larger than the {limit}-byte limit")]
+    TooLarge { limit: u64 },
+}
+
+impl From<Qcow2Error> for ConvertError {
+    fn from(e: Qcow2Error) -> Self {
+        ConvertError::Qcow2(e)
+    }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ConvertError {
+    move |source| ConvertError::Io { what, source }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertStats {
+    /// Format of the input.
+    pub format: ImageFormat,
+    /// Size of the virtual disk, and of the output file.
+    pub virtual_size: u64,
+    /// Bytes of data actually written to the output (the rest are holes).
+    pub bytes_written: u64,
+}
+
+/// Converts `input` (of `format`) into `output`, a raw image of the virtual disk.
+///
+/// `output` must be open for writing; it is truncated and resized to the virtual size,
+/// written sparsely and `fdatasync`ed before this returns. `progress(done, total)` is
+/// called with virtual bytes processed as the conversion advances (at least once at the
+/// end, with `done == total`). On error the output holds a partial image: callers write
+/// to a temporary file and rename it only on success (see [`super::cache`]).
+pub fn convert(
+    input: &File,
+    format: ImageFormat,
+    output: &File,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ConvertStats, ConvertError> {
+    let file_len = input.metadata().map_err(io_err("input"))?.len();
+    let (virtual_size, bytes_written) = match format {
+        ImageFormat::Qcow2 => {
+            // Everything in the header is validated before the output is touched.
+            let header = Qcow2Header::read(input, file_len)?;
+            prepare_output(output, header.virtual_size)?;
+            let written = convert_qcow2(input, file_len, &header, output, progress)?;
+            (header.virtual_size, written)
+        }
+        ImageFormat::Raw => {
+            if file_len > super::qcow2::MAX_VIRTUAL_SIZE {
+                return Err(ConvertError::TooLarge {
+                    limit: super::qcow2::MAX_VIRTUAL_SIZE,
+                });
+            }
+            prepare_output(output, file_len)?;
+            let written = copy_raw(input, file_len, output, progress)?;
+            (file_len, written)
+        }
+    };
+    output.sync_data().map_err(io_err("output"))?;
+    progress(virtual_size, virtual_size);
+    Ok(ConvertStats {
+        format,
+        virtual_size,
+        bytes_written,
+    })
+}
+
+fn prepare_output(output: &File, size: u64) -> Result<(), ConvertError> {
+    output.set_len(0).map_err(io_err("output"))?;
+    output.set_len(size).map_err(io_err("output"))
+}
+
+/// True when every byte of `buf` is zero (vectorizes well).
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    let whole = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
+    whole && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Writes `data` at `offset`, skipping all-zero [`ZERO_BLOCK`]s (aligned to the file, so
+/// holes fall on filesystem blocks); returns bytes written.
+fn write_sparse(out: &File, offset: u64, data: &[u8]) -> io::Result<u64> {
+    let mut written = 0u64;
+    let mut run_start: Option<usize> = None;
+    let mut pos = 0usize;
+    let block = ZERO_BLOCK as u64;
+    while pos < data.len() {
+        // The block ends at the next multiple of ZERO_BLOCK in the file.
+        let abs = offset + pos as u64;
+        let next = ((abs / block + 1) * block - abs) as usize;
+        let end = (pos + next).min(data.len());
+        let zero = is_zero(data.get(pos..end).unwrap_or_default());
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(start)) => {
+                let run = data.get(start..pos).unwrap_or_default();
+                out.write_all_at(run, offset + start as u64)?;
+                written += run.len() as u64;
+                run_start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(start) = run_start {
+        let run = data.get(start..).unwrap_or_default();
+        out.write_all_at(run, offset + start as u64)?;
+        written += run.len() as u64;
+    }
+    Ok(written)
+}
+
+/// Coalesces small contiguous pieces of output into one buffer before writing them.
+struct SparseWriter<'a> {
+    out: &'a File,
+    buf: Vec<u8>,
+    start: u64,
+    written: u64,
+}
+
+impl<'a> SparseWriter<'a> {
+    fn new(out: &'a File) -> Self {
+        SparseWriter {
+            out,
+            buf: Vec::with_capacity(RUN_BYTES),
+            start: 0,
+            written: 0,
+        }
+    }
+
+    fn push(&mut self, offset: u64, data: &[u8]) -> Result<(), ConvertError> {
+        let end = self.start + self.buf.len() as u64;
+        if !self.buf.is_empty() && (offset != end || self.buf.len() + data.len() > RUN_BYTES) {
+            self.flush()?;
+        }
+        if data.len() >= RUN_BYTES / 2 {
+            self.flush()?;
+            self.written += write_sparse(self.out, offset, data).map_err(io_err("output"))?;
+            return Ok(());
+        }
+        if self.buf.is_empty() {
+            self.start = offset;
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ConvertError> {
+        if !self.buf.is_empty() {
+            self.written +=
+                write_sparse(self.out, self.start, &self.buf).map_err(io_err("output"))?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// A run of data clusters contiguous both in the guest and in the file.
+struct DataRun {
+    guest: u64,
+    host: u64,
+    len: u64,
+}
+
+fn convert_qcow2(
+    input: &File,
+    file_len: u64,
+    header: &Qcow2Header,
+    output: &File,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, ConvertError> {
+    let cs = header.cluster_size();
+    let cs_usize =
+        usize::try_from(cs).map_err(|_| Qcow2Error::InvalidHeader("cluster size".into()))?;
+    let size = header.virtual_size;
+    let coverage = header.l2_coverage();
+    let l1_needed = header.l1_entries_needed();
+
+    let mut writer = SparseWriter::new(output);
+    let mut l1_buf = vec![0u8; L1_CHUNK_ENTRIES.min(usize::try_from(l1_needed).unwrap_or(0)) * 8];
+    let mut l2_buf = vec![0u8; cs_usize];
+    let mut run_buf: Vec<u8> = Vec::new();
+    let mut cluster_buf = vec![0u8; cs_usize];
+    // A compressed cluster is at most two clusters long (13 bits of sectors at 2 MiB).
+    let mut comp_buf: Vec<u8> = Vec::new();
+    let mut decompressor: Option<Decompressor> = None;
+
+    let mut l1_index = 0u64;
+    while l1_index < l1_needed {
+        let n = (l1_needed - l1_index).min(L1_CHUNK_ENTRIES as u64) as usize;
+        let chunk = l1_buf.get_mut(..n * 8).unwrap_or_default();
+        let at = header.l1_table_offset + l1_index * 8;
+        input
+            .read_exact_at(chunk, at)
+            .map_err(|source| Qcow2Error::Io {
+                what: "L1 table",
+                source,
+            })?;
+        for entry in chunk.chunks_exact(8) {
+            let entry = u64::from_be_bytes(<[u8; 8]>::try_from(entry).unwrap_or_default());
+            let guest_start = l1_index * coverage;
+            let guest_end = guest_start.saturating_add(coverage).min(size);
+            l1_index += 1;
+            let Some(l2_offset) = header.l2_table_offset(entry, file_len)? else {
+                progress(guest_end, size);
+                continue;
+            };
+            input
+                .read_exact_at(&mut l2_buf, l2_offset)
+                .map_err(|source| Qcow2Error::Io {
+                    what: "L2 table",
+                    source,
+                })?;
+            let clusters = (guest_end - guest_start).div_ceil(cs);
+            let mut run: Option<DataRun> = None;
+            for (j, e) in l2_buf.chunks_exact(8).take(clusters as usize).enumerate() {
+                let e = u64::from_be_bytes(<[u8; 8]>::try_from(e).unwrap_or_default());
+                let guest = guest_start + j as u64 * cs;
+                // The last cluster may extend past the virtual size.
+                let len = cs.min(size - guest);
+                match header.cluster_mapping(e, file_len)? {
+                    ClusterMapping::Zero => {}
+                    ClusterMapping::Data(host) => {
+                        if let Some(r) = run.as_mut() {
+                            if r.guest + r.len == guest
+                                && r.host + r.len == host
+                                && r.len + len <= RUN_BYTES as u64
+                            {
+                                r.len += len;
+                                continue;
+                            }
+                        }
+                        if let Some(r) = run.take() {
+                            flush_run(input, &r, &mut run_buf, &mut writer)?;
+                        }
+                        run = Some(DataRun { guest, host, len });
+                        continue;
+                    }
+                    ClusterMapping::Compressed { offset, len: clen } => {
+                        let dec = match decompressor.as_mut() {
+                            Some(d) => d,
+                            None => decompressor
+                                .insert(Decompressor::new(header.compression, cs_usize)?),
+                        };
+                        // clen <= 2 clusters by construction of the entry.
+                        comp_buf.resize(clen as usize, 0);
+                        input
+                            .read_exact_at(&mut comp_buf, offset)
+                            .map_err(|source| Qcow2Error::Io {
+                                what: "compressed cluster",
+                                source,
+                            })?;
+                        dec.decompress(offset, &comp_buf, &mut cluster_buf)?;
+                        writer.push(guest, cluster_buf.get(..len as usize).unwrap_or_default())?;
+                    }
+                }
+                if let Some(r) = run.take() {
+                    flush_run(input, &r, &mut run_buf, &mut writer)?;
+                }
+            }
+            if let Some(r) = run.take() {
+                flush_run(input, &r, &mut run_buf, &mut writer)?;
+            }
+            progress(guest_end, size);
+        }
+    }
+    writer.flush()?;
+    Ok(writer.written)
+}
+
+fn flush_run(
+    input: &File,
+    run: &DataRun,
+    buf: &mut Vec<u8>,
+    writer: &mut SparseWriter<'_>,
+) -> Result<(), ConvertError> {
+    // run.len <= RUN_BYTES.
+    buf.resize(run.len as usize, 0);
+    let n = read_up_to(input, run.host, buf).map_err(|source| Qcow2Error::Io {
+        what: "data cluster",
+        source,
+    })?;
+    // Past the end of the file reads as zeroes (qemu does the same).
+    if let Some(tail) = buf.get_mut(n..) {
+        tail.fill(0);
+    }
+    writer.push(run.guest, buf)
+}
+
+/// Copies a raw image sparsely: holes of the input (SEEK_DATA/SEEK_HOLE) are skipped,
+/// data is read in [`RUN_BYTES`] pieces and all-zero blocks are not written.
+fn copy_raw(
+    input: &File,
+    size: u64,
+    output: &File,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, ConvertError> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut buf = vec![0u8; RUN_BYTES];
+    let mut written = 0u64;
+    let mut pos = 0u64;
+    while pos < size {
+        // Find the next data region; filesystems without SEEK_DATA report all as data.
+        let data_start = match seek(input, SeekFrom::Data(pos)) {
+            Ok(off) => off,
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => pos,
+            Err(e) => return Err(io_err("input")(e.into())),
+        };
+        if data_start >= size {
+            break;
+        }
+        let data_end = match seek(input, SeekFrom::Hole(data_start)) {
+            Ok(off) if off > data_start => off.min(size),
+            _ => size,
+        };
+        let mut at = data_start;
+        while at < data_end {
+            let n = (data_end - at).min(RUN_BYTES as u64) as usize;
+            let chunk = buf.get_mut(..n).unwrap_or_default();
+            input.read_exact_at(chunk, at).map_err(io_err("input"))?;
+            written += write_sparse(output, at, chunk).map_err(io_err("output"))?;
+            at += n as u64;
+            progress(at, size);
+        }
+        pos = data_end;
+    }
+    Ok(written)
+}
