@@ -8,7 +8,6 @@
 //! what failed and why, outermost first.
 
 mod args;
-mod assets;
 mod logger;
 
 use std::error::Error;
@@ -72,12 +71,12 @@ fn main() -> ExitCode {
 fn run_vm(run: RunArgs, start: Instant) -> Result<i32, Box<dyn Error>> {
     let kernel = match run.kernel {
         Some(k) => k,
-        None => assets::default_asset(assets::KERNEL)?,
+        None => vmm::assets::default_asset(vmm::assets::KERNEL)?,
     };
     let initrd = match run.initrd {
         Some(i) => Some(i),
         None if run.no_initrd => None,
-        None => Some(assets::default_asset(assets::INITRD)?),
+        None => Some(vmm::assets::default_asset(vmm::assets::INITRD)?),
     };
     let mut config = vmm::VmConfig::new(kernel);
     config.start_time = start;

@@ -1,4 +1,5 @@
-//! Where the guest kernel and initramfs are found when the command line does not say.
+//! Where kestrel's guest kernel and initramfs are found when the caller does not say
+//! (shared by the CLI, the shim and the tests).
 //!
 //! In order: `$KESTREL_ASSETS`, `/usr/local/share/kestrel` (what the installer writes),
 //! `~/.cache/kestrel/assets` (what `scripts/build-guest.sh` writes).

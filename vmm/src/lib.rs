@@ -12,6 +12,7 @@
 //! `kvm-ioctls` is used only in [`vstate`].
 
 pub mod arch;
+pub mod assets;
 pub mod builder;
 pub mod config;
 pub mod exit;

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kestrel needs to build its guest, run its tests and
+# benchmarks. Does nothing (and needs no network) when they are all present.
+set -euo pipefail
+
+PACKAGES=(
+  # guest kernel (guest-kernel/build.sh) and initramfs
+  build-essential bc bison flex libelf-dev libssl-dev cpio linux-source-6.1
+  # tests: payload assembly uses cc/ld/objcopy (binutils); image cross-checks use qemu-img
+  binutils qemu-utils python3
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install-deps: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+  SUDO=sudo
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# kestrel's test command: installs what is missing, builds the guest assets (cached),
+# checks formatting and lints, and runs every test layer (device logic, tiny-payload VMM
+# tests, real Linux boots, CLI). Tests that need /dev/kvm print "skipped: <reason>"
+# on hosts without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+
+scripts/install-deps.sh
+scripts/build-guest.sh >/dev/null
+echo "== cargo fmt --check" >&2
+cargo fmt --all --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test" >&2
+cargo test --workspace "$@"
