@@ -43,13 +43,18 @@ pub struct VirtioInterrupt {
 
 impl std::fmt::Debug for VirtioInterrupt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtioInterrupt").field("status", &self.status()).finish_non_exhaustive()
+        f.debug_struct("VirtioInterrupt")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
     }
 }
 
 impl VirtioInterrupt {
     pub fn new(line: Arc<dyn IrqLine>) -> Self {
-        VirtioInterrupt { status: Arc::new(AtomicU32::new(0)), line }
+        VirtioInterrupt {
+            status: Arc::new(AtomicU32::new(0)),
+            line,
+        }
     }
 
     /// Tells the driver that a queue's used ring has new entries.
@@ -140,7 +145,10 @@ mod tests {
         let intr = VirtioInterrupt::new(Arc::new(irq.clone()));
         intr.signal_used_queue().unwrap();
         intr.signal_config_change().unwrap();
-        assert_eq!(intr.status(), interrupt::USED_RING | interrupt::CONFIG_CHANGE);
+        assert_eq!(
+            intr.status(),
+            interrupt::USED_RING | interrupt::CONFIG_CHANGE
+        );
         assert_eq!(irq.count(), 2);
         let clone = intr.clone();
         clone.ack(interrupt::USED_RING);

@@ -146,7 +146,8 @@ impl MmioTransport {
                 .iter()
                 .enumerate()
                 .map(|(index, evt)| {
-                    evt.try_clone().map_err(|source| MmioError::CloneQueueEvent { index, source })
+                    evt.try_clone()
+                        .map_err(|source| MmioError::CloneQueueEvent { index, source })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             (dev.device_type(), dev.features(), queues, queue_evts)
@@ -191,7 +192,9 @@ impl MmioTransport {
     }
 
     fn selected_queue(&self) -> Option<&Queue> {
-        usize::try_from(self.queue_sel).ok().and_then(|i| self.queues.get(i))
+        usize::try_from(self.queue_sel)
+            .ok()
+            .and_then(|i| self.queues.get(i))
     }
 
     /// Marks the device broken until the driver resets it.
@@ -203,7 +206,8 @@ impl MmioTransport {
         if self.status & status::DEVICE_NEEDS_RESET == 0 {
             self.status |= status::DEVICE_NEEDS_RESET;
             if let Err(e) = self.interrupt.signal_config_change() {
-                self.log.warn(format_args!("virtio-mmio: cannot raise interrupt: {e}"));
+                self.log
+                    .warn(format_args!("virtio-mmio: cannot raise interrupt: {e}"));
             }
         }
     }
@@ -344,8 +348,13 @@ impl MmioTransport {
         }
         let sel = self.queue_sel;
         let mem = &self.mem;
-        let Some(q) = usize::try_from(sel).ok().and_then(|i| self.queues.get_mut(i)) else {
-            self.needs_reset(format_args!("queue register {offset:#x} written for queue {sel}"));
+        let Some(q) = usize::try_from(sel)
+            .ok()
+            .and_then(|i| self.queues.get_mut(i))
+        else {
+            self.needs_reset(format_args!(
+                "queue register {offset:#x} written for queue {sel}"
+            ));
             return;
         };
         let result: Result<(), String> = match offset {
@@ -357,9 +366,9 @@ impl MmioTransport {
                     q.set_ready(false);
                     Ok(())
                 }
-                1 => check_rings(mem, q).map(|()| q.set_ready(true)).map_err(|why| {
-                    format!("queue {sel} made ready with invalid rings: {why}")
-                }),
+                1 => check_rings(mem, q)
+                    .map(|()| q.set_ready(true))
+                    .map_err(|why| format!("queue {sel} made ready with invalid rings: {why}")),
                 _ => Err(format!("queue {sel}: QueueReady = {value}")),
             },
             REG_QUEUE_DESC_LOW => set_ring_addr(q, Ring::Desc, Some(value), None),
@@ -376,11 +385,15 @@ impl MmioTransport {
     }
 
     fn notify(&mut self, value: u32) {
-        let evt = usize::try_from(value).ok().and_then(|i| self.queue_evts.get(i));
+        let evt = usize::try_from(value)
+            .ok()
+            .and_then(|i| self.queue_evts.get(i));
         match evt {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    self.log.warn(format_args!("virtio-mmio: cannot signal queue {value}: {e}"));
+                    self.log.warn(format_args!(
+                        "virtio-mmio: cannot signal queue {value}: {e}"
+                    ));
                 }
             }
             None => {
@@ -426,13 +439,8 @@ impl MmioTransport {
             REG_DRIVER_FEATURES => self.write_driver_features(value),
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             REG_QUEUE_SEL => self.queue_sel = value,
-            REG_QUEUE_NUM
-            | REG_QUEUE_READY
-            | REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_AVAIL_LOW
-            | REG_QUEUE_AVAIL_HIGH
-            | REG_QUEUE_USED_LOW
+            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW
             | REG_QUEUE_USED_HIGH => self.write_queue_reg(offset, value),
             REG_QUEUE_NOTIFY => self.notify(value),
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
@@ -529,9 +537,24 @@ fn set_ring_addr(
 fn check_rings(mem: &GuestMemoryMmap, q: &Queue) -> Result<(), String> {
     let size = usize::from(q.size());
     let rings = [
-        ("descriptor table", q.desc_table(), 16 * size, Permissions::Read),
-        ("available ring", q.avail_ring(), 6 + 2 * size, Permissions::ReadWrite),
-        ("used ring", q.used_ring(), 6 + 8 * size, Permissions::ReadWrite),
+        (
+            "descriptor table",
+            q.desc_table(),
+            16 * size,
+            Permissions::Read,
+        ),
+        (
+            "available ring",
+            q.avail_ring(),
+            6 + 2 * size,
+            Permissions::ReadWrite,
+        ),
+        (
+            "used ring",
+            q.used_ring(),
+            6 + 8 * size,
+            Permissions::ReadWrite,
+        ),
     ];
     for (name, addr, len, access) in rings {
         if !mem.check_range(GuestAddress(addr), len, access) {
@@ -539,4 +562,362 @@ fn check_rings(mem: &GuestMemoryMmap, q: &Queue) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::Block;
+    use crate::virtio::interrupt;
+    use crate::virtio::test_utils::{reg, Driver, MemDisk, Slot, TestVmm};
+    use status::*;
+
+    const BASE: u64 = 0xd000_0000;
+    const QUEUE: u64 = 0x1000;
+
+    fn setup() -> (TestVmm, Slot) {
+        let mut vmm = TestVmm::new();
+        let block = Block::new(Box::new(MemDisk::new(1 << 16, false)), None).unwrap();
+        let slot = vmm.add_block(block, BASE);
+        (vmm, slot)
+    }
+
+    fn needs_reset(d: &Driver<'_>, vmm: &TestVmm) -> bool {
+        d.read(vmm, reg::STATUS) & DEVICE_NEEDS_RESET != 0
+    }
+
+    /// Runs the Linux sequence up to (not including) queue setup.
+    fn to_features_ok(d: &Driver<'_>, vmm: &TestVmm) {
+        d.negotiate(vmm, u64::MAX);
+        assert_eq!(d.read(vmm, reg::STATUS), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    }
+
+    #[test]
+    fn identity_registers() {
+        let (vmm, _slot) = setup();
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        assert_eq!(d.read(&vmm, reg::MAGIC), MAGIC);
+        assert_eq!(d.read(&vmm, reg::VERSION), 2);
+        assert_eq!(d.read(&vmm, reg::DEVICE_ID), 2);
+        assert_eq!(d.read(&vmm, reg::VENDOR_ID), VENDOR_ID);
+        assert_eq!(d.read(&vmm, reg::CONFIG_GENERATION), 0);
+        assert_eq!(d.read(&vmm, REG_SHM_LEN_LOW), u32::MAX);
+        d.write(&vmm, reg::DEVICE_FEATURES_SEL, 2);
+        assert_eq!(d.read(&vmm, reg::DEVICE_FEATURES), 0);
+        d.write(&vmm, reg::QUEUE_SEL, 0);
+        assert_eq!(d.read(&vmm, reg::QUEUE_NUM_MAX), 256);
+        d.write(&vmm, reg::QUEUE_SEL, 1);
+        assert_eq!(d.read(&vmm, reg::QUEUE_NUM_MAX), 0);
+        assert_eq!(d.read(&vmm, reg::QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn wrong_width_and_unknown_offsets_are_ignored() {
+        let (vmm, slot) = setup();
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        let mut two = [0xffu8; 2];
+        assert!(vmm.bus.read(BASE + reg::MAGIC, &mut two));
+        assert_eq!(two, [0, 0]);
+        let mut eight = [0xffu8; 8];
+        assert!(vmm.bus.read(BASE + reg::MAGIC, &mut eight));
+        assert_eq!(eight, [0; 8]);
+        // Unaligned 4-byte read.
+        let mut four = [0xffu8; 4];
+        assert!(vmm.bus.read(BASE + 2, &mut four));
+        assert_eq!(four, [0; 4]);
+        // A 1-byte status write does nothing.
+        assert!(vmm.bus.write(BASE + reg::STATUS, &[ACKNOWLEDGE as u8]));
+        assert_eq!(d.read(&vmm, reg::STATUS), 0);
+        // Unknown register, write-only register read.
+        d.write(&vmm, 0x0f0, 1);
+        assert_eq!(d.read(&vmm, 0x0f0), 0);
+        assert_eq!(d.read(&vmm, reg::QUEUE_NUM), 0);
+        // Config space of odd width.
+        let mut three = [0xffu8; 3];
+        assert!(vmm.bus.read(BASE + reg::CONFIG, &mut three));
+        assert_eq!(three, [0; 3]);
+        assert!(!needs_reset(&d, &vmm));
+        assert_eq!(slot.irq.count(), 0);
+    }
+
+    #[test]
+    fn bad_status_transitions_need_reset() {
+        let (vmm, slot) = setup();
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        let bad: &[&[u32]] = &[
+            &[DRIVER],
+            &[ACKNOWLEDGE, ACKNOWLEDGE | FEATURES_OK],
+            &[
+                ACKNOWLEDGE,
+                ACKNOWLEDGE | DRIVER,
+                ACKNOWLEDGE | DRIVER | DRIVER_OK,
+            ],
+            &[ACKNOWLEDGE, ACKNOWLEDGE | DRIVER, ACKNOWLEDGE],
+            &[ACKNOWLEDGE, DEVICE_NEEDS_RESET | ACKNOWLEDGE],
+        ];
+        for (i, seq) in bad.iter().enumerate() {
+            d.write(&vmm, reg::STATUS, 0);
+            assert_eq!(d.read(&vmm, reg::STATUS), 0);
+            assert_eq!(
+                d.read(&vmm, reg::INTERRUPT_STATUS),
+                0,
+                "reset clears interrupts"
+            );
+            for &s in *seq {
+                d.write(&vmm, reg::STATUS, s);
+            }
+            assert!(needs_reset(&d, &vmm), "sequence {i}: {seq:x?}");
+            assert_eq!(
+                d.read(&vmm, reg::INTERRUPT_STATUS),
+                interrupt::CONFIG_CHANGE
+            );
+            assert_eq!(slot.irq.count(), i as u64 + 1);
+            // Nothing but a reset gets out of it.
+            d.write(&vmm, reg::STATUS, ACKNOWLEDGE);
+            assert!(needs_reset(&d, &vmm));
+        }
+        // FAILED is accepted at any point and sticks until reset.
+        d.write(&vmm, reg::STATUS, 0);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE | FAILED);
+        assert_eq!(d.read(&vmm, reg::STATUS), ACKNOWLEDGE | FAILED);
+    }
+
+    #[test]
+    fn feature_negotiation_rules() {
+        let (vmm, slot) = setup();
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        let offered = d.device_features(&vmm);
+
+        // A feature that was not offered.
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE | DRIVER);
+        d.write(&vmm, reg::DRIVER_FEATURES_SEL, 0);
+        d.write(&vmm, reg::DRIVER_FEATURES, (offered as u32) | 1 << 7);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert!(needs_reset(&d, &vmm));
+
+        // Features in a page past 1.
+        d.write(&vmm, reg::STATUS, 0);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE | DRIVER);
+        d.write(&vmm, reg::DRIVER_FEATURES_SEL, 2);
+        d.write(&vmm, reg::DRIVER_FEATURES, 1);
+        assert!(needs_reset(&d, &vmm));
+
+        // A legacy driver (no VERSION_1): FEATURES_OK is refused, nothing else.
+        d.write(&vmm, reg::STATUS, 0);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE | DRIVER);
+        d.write(&vmm, reg::DRIVER_FEATURES_SEL, 0);
+        d.write(&vmm, reg::DRIVER_FEATURES, offered as u32);
+        d.write(&vmm, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(d.read(&vmm, reg::STATUS), ACKNOWLEDGE | DRIVER);
+
+        // Features written after FEATURES_OK.
+        to_features_ok(&d, &vmm);
+        let irqs = slot.irq.count();
+        d.write(&vmm, reg::DRIVER_FEATURES, 0);
+        assert!(needs_reset(&d, &vmm));
+        assert_eq!(slot.irq.count(), irqs + 1);
+
+        // The accepted subset is what the transport reports.
+        to_features_ok(&d, &vmm);
+        assert_eq!(slot.transport.lock().unwrap().acked_features(), offered);
+    }
+
+    #[test]
+    fn queue_register_violations() {
+        let (vmm, _slot) = setup();
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        type Step = (u64, u32);
+        let cases: &[(&str, bool, &[Step])] = &[
+            ("size not a power of two", true, &[(reg::QUEUE_NUM, 24)]),
+            ("size over the maximum", true, &[(reg::QUEUE_NUM, 512)]),
+            ("size zero", true, &[(reg::QUEUE_NUM, 0)]),
+            ("size over u16", true, &[(reg::QUEUE_NUM, 0x1_0000)]),
+            (
+                "misaligned descriptor table",
+                true,
+                &[(reg::QUEUE_DESC_LOW, 0x1008)],
+            ),
+            (
+                "misaligned used ring",
+                true,
+                &[(reg::QUEUE_USED_LOW, 0x1002)],
+            ),
+            ("QueueReady = 2", true, &[(reg::QUEUE_READY, 2)]),
+            (
+                "missing queue",
+                true,
+                &[(reg::QUEUE_SEL, 1), (reg::QUEUE_NUM, 16)],
+            ),
+            (
+                "rings outside guest memory",
+                true,
+                &[
+                    (reg::QUEUE_NUM, 16),
+                    (reg::QUEUE_DESC_HIGH, 1),
+                    (reg::QUEUE_READY, 1),
+                ],
+            ),
+            (
+                "rings straddling the end of guest memory",
+                true,
+                &[
+                    (reg::QUEUE_NUM, 16),
+                    (reg::QUEUE_USED_LOW, 0x3f_fffc),
+                    (reg::QUEUE_READY, 1),
+                ],
+            ),
+            (
+                "queue registers before FEATURES_OK",
+                false,
+                &[(reg::QUEUE_NUM, 16)],
+            ),
+        ];
+        for (name, after_features_ok, steps) in cases {
+            d.write(&vmm, reg::STATUS, 0);
+            if *after_features_ok {
+                to_features_ok(&d, &vmm);
+                d.write(&vmm, reg::QUEUE_SEL, 0);
+            } else {
+                d.write(&vmm, reg::STATUS, ACKNOWLEDGE);
+                d.write(&vmm, reg::STATUS, ACKNOWLEDGE | DRIVER);
+            }
+            for &(r, v) in *steps {
+                d.write(&vmm, r, v);
+            }
+            assert!(needs_reset(&d, &vmm), "{name}");
+            assert_eq!(d.read(&vmm, reg::QUEUE_READY), 0, "{name}");
+        }
+    }
+
+    #[test]
+    fn queue_registers_after_driver_ok_and_activation_failures() {
+        let (mut vmm, slot) = setup();
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        // DRIVER_OK without a ready queue: the device refuses activation.
+        to_features_ok(&d, &vmm);
+        d.write(
+            &vmm,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(needs_reset(&d, &vmm));
+        assert_eq!(d.read(&vmm, reg::STATUS) & DRIVER_OK, 0);
+
+        // A ring moved out of memory after QueueReady: caught at DRIVER_OK.
+        to_features_ok(&d, &vmm);
+        d.setup_queue(&vmm);
+        d.write(&vmm, reg::QUEUE_AVAIL_HIGH, 0x10);
+        d.write(
+            &vmm,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(needs_reset(&d, &vmm));
+        assert!(!slot.block.lock().unwrap().is_activated());
+
+        // Proper probe, then a queue register write: NEEDS_RESET, the device keeps its state.
+        d.probe(&mut vmm, u64::MAX);
+        d.write(&vmm, reg::QUEUE_NUM, 16);
+        assert!(needs_reset(&d, &vmm));
+        assert_ne!(d.read(&vmm, reg::STATUS) & DRIVER_OK, 0);
+        // Reset, then Linux's teardown write is harmless.
+        d.write(&vmm, reg::STATUS, 0);
+        d.write(&vmm, reg::QUEUE_READY, 0);
+        assert_eq!(d.read(&vmm, reg::STATUS), 0);
+        assert!(!slot.block.lock().unwrap().is_activated());
+    }
+
+    #[test]
+    fn notify_register_signals_the_queue_eventfd() {
+        let (vmm, slot) = setup();
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        d.write(&vmm, reg::QUEUE_NOTIFY, 0);
+        d.write(&vmm, reg::QUEUE_NOTIFY, 0);
+        d.write(&vmm, reg::QUEUE_NOTIFY, 7); // no such queue: ignored
+        let t = slot.transport.lock().unwrap();
+        assert_eq!(t.queue_events().len(), 1);
+        assert_eq!(t.queue_events()[0].read().unwrap(), 2);
+    }
+
+    #[test]
+    fn interrupt_ack_clears_only_acked_bits() {
+        let (vmm, slot) = setup();
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        let t = slot.transport.lock().unwrap();
+        t.interrupt().signal_used_queue().unwrap();
+        t.interrupt().signal_config_change().unwrap();
+        drop(t);
+        assert_eq!(d.read(&vmm, reg::INTERRUPT_STATUS), 3);
+        d.write(&vmm, reg::INTERRUPT_ACK, interrupt::USED_RING);
+        assert_eq!(
+            d.read(&vmm, reg::INTERRUPT_STATUS),
+            interrupt::CONFIG_CHANGE
+        );
+        d.write(&vmm, reg::INTERRUPT_ACK, interrupt::CONFIG_CHANGE);
+        assert_eq!(d.read(&vmm, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn new_refuses_mismatched_queue_events() {
+        struct Broken(Vec<EventFd>);
+        impl VirtioDevice for Broken {
+            fn device_type(&self) -> u32 {
+                99
+            }
+            fn queue_max_sizes(&self) -> &[u16] {
+                &[16, 100]
+            }
+            fn features(&self) -> u64 {
+                0
+            }
+            fn queue_events(&self) -> &[EventFd] {
+                &self.0
+            }
+            fn read_config(&self, _: u64, _: &mut [u8]) {}
+            fn write_config(&mut self, _: u64, _: &[u8]) {}
+            fn activate(
+                &mut self,
+                _: ActivationContext,
+            ) -> Result<(), super::super::ActivateError> {
+                Ok(())
+            }
+            fn reset(&mut self) {}
+            fn is_activated(&self) -> bool {
+                false
+            }
+        }
+        let mem = crate::virtio::test_utils::guest_memory();
+        let irq: Arc<dyn IrqLine> = Arc::new(crate::irq::CountingIrq::default());
+        let one = Arc::new(Mutex::new(Broken(vec![EventFd::new(0).unwrap()])));
+        assert!(matches!(
+            MmioTransport::new(mem.clone(), one, irq.clone()),
+            Err(MmioError::QueueEventCount {
+                queues: 2,
+                events: 1
+            })
+        ));
+        let two = Arc::new(Mutex::new(Broken(vec![
+            EventFd::new(0).unwrap(),
+            EventFd::new(0).unwrap(),
+        ])));
+        assert!(matches!(
+            MmioTransport::new(mem, two, irq),
+            Err(MmioError::BadQueueMaxSize {
+                index: 1,
+                size: 100
+            })
+        ));
+    }
 }

@@ -61,7 +61,9 @@ pub(crate) mod test_utils;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-pub use device::{ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt};
+pub use device::{
+    ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+};
 pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
 
 /// Device status bits (virtio 1.x, 2.1).
@@ -117,7 +119,13 @@ impl Default for RateLimitedLog {
 impl RateLimitedLog {
     /// At most `burst` messages per `window`.
     pub const fn new(burst: u32, window: Duration) -> Self {
-        RateLimitedLog { burst, window, window_start: None, in_window: 0, suppressed: 0 }
+        RateLimitedLog {
+            burst,
+            window,
+            window_start: None,
+            in_window: 0,
+            suppressed: 0,
+        }
     }
 
     /// Logs `args` at warning level unless this window's burst is used up. Returns whether

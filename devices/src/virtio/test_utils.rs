@@ -52,7 +52,11 @@ impl MemDisk {
     /// A disk of `size` bytes; byte i holds `i % 251` so reads are recognisable.
     pub fn new(size: usize, read_only: bool) -> Self {
         let data = (0..size).map(|i| (i % 251) as u8).collect();
-        MemDisk(Arc::new(Mutex::new(MemDiskState { data, read_only, ..Default::default() })))
+        MemDisk(Arc::new(Mutex::new(MemDiskState {
+            data,
+            read_only,
+            ..Default::default()
+        })))
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, MemDiskState> {
@@ -114,7 +118,6 @@ pub fn guest_memory() -> GuestMemoryMmap {
 
 /// One virtio-mmio device in a [`TestVmm`].
 pub struct Slot {
-    pub base: u64,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub block: Arc<Mutex<Block>>,
     pub irq: CountingIrq,
@@ -129,7 +132,11 @@ pub struct TestVmm {
 
 impl TestVmm {
     pub fn new() -> Self {
-        TestVmm { mem: guest_memory(), bus: Bus::new(), em: EventManager::new().unwrap() }
+        TestVmm {
+            mem: guest_memory(),
+            bus: Bus::new(),
+            em: EventManager::new().unwrap(),
+        }
     }
 
     /// Wires a block device the way the vmm does (see the `virtio` module docs).
@@ -139,9 +146,15 @@ impl TestVmm {
         let transport =
             MmioTransport::new(self.mem.clone(), block.clone(), Arc::new(irq.clone())).unwrap();
         let transport = Arc::new(Mutex::new(transport));
-        self.bus.insert(transport.clone(), base, MMIO_WINDOW_SIZE).unwrap();
+        self.bus
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+            .unwrap();
         self.em.add_subscriber(block.clone());
-        Slot { base, transport, block, irq }
+        Slot {
+            transport,
+            block,
+            irq,
+        }
     }
 
     pub fn read32(&self, addr: u64) -> u32 {
@@ -209,7 +222,14 @@ impl<'a> Driver<'a> {
     /// A driver whose queue (of `size` entries) lives at `queue_base`.
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, queue_base: u64, size: u16) -> Self {
         let vq = MockSplitQueue::create(mem, GuestAddress(queue_base), size);
-        Driver { base, vq, mem, next_desc: 0, size, last_used: 0 }
+        Driver {
+            base,
+            vq,
+            mem,
+            next_desc: 0,
+            size,
+            last_used: 0,
+        }
     }
 
     pub fn read(&self, vmm: &TestVmm, reg: u64) -> u32 {
@@ -248,7 +268,11 @@ impl<'a> Driver<'a> {
         self.write(vmm, reg::DRIVER_FEATURES_SEL, 0);
         self.write(vmm, reg::DRIVER_FEATURES, accepted as u32);
         self.add_status(vmm, status::FEATURES_OK);
-        assert_ne!(self.read(vmm, reg::STATUS) & status::FEATURES_OK, 0, "FEATURES_OK refused");
+        assert_ne!(
+            self.read(vmm, reg::STATUS) & status::FEATURES_OK,
+            0,
+            "FEATURES_OK refused"
+        );
         accepted
     }
 
@@ -302,8 +326,11 @@ impl<'a> Driver<'a> {
             .map(|(i, d)| {
                 let d = Descriptor::from(*d);
                 let last = i + 1 == descs.len();
-                let flags =
-                    if last { d.flags() & !VRING_DESC_F_NEXT } else { d.flags() | VRING_DESC_F_NEXT };
+                let flags = if last {
+                    d.flags() & !VRING_DESC_F_NEXT
+                } else {
+                    d.flags() | VRING_DESC_F_NEXT
+                };
                 let next = if last { 0 } else { head + i as u16 + 1 };
                 RawDescriptor::from(Descriptor::new(d.addr().0, d.len(), flags, next))
             })
@@ -319,7 +346,9 @@ impl<'a> Driver<'a> {
     }
 
     pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj::<u16>(self.vq.used_addr().unchecked_add(2)).unwrap()
+        self.mem
+            .read_obj::<u16>(self.vq.used_addr().unchecked_add(2))
+            .unwrap()
     }
 
     /// New used-ring entries (id, len) since the last call.
@@ -339,13 +368,19 @@ impl<'a> Driver<'a> {
 
     /// Sets `used_event` (the driver's interrupt threshold under EVENT_IDX).
     pub fn set_used_event(&self, v: u16) {
-        let addr = self.vq.avail_addr().unchecked_add(4 + 2 * u64::from(self.size));
+        let addr = self
+            .vq
+            .avail_addr()
+            .unchecked_add(4 + 2 * u64::from(self.size));
         self.mem.write_obj(v, addr).unwrap();
     }
 
     /// Reads `avail_event` (the device's notification threshold under EVENT_IDX).
     pub fn avail_event(&self) -> u16 {
-        let addr = self.vq.used_addr().unchecked_add(4 + 8 * u64::from(self.size));
+        let addr = self
+            .vq
+            .used_addr()
+            .unchecked_add(4 + 8 * u64::from(self.size));
         self.mem.read_obj(addr).unwrap()
     }
 

@@ -108,7 +108,9 @@ impl Block {
         }
         let size = disk.size();
         if size % SECTOR_SIZE != 0 {
-            log::warn!("virtio-blk: disk size {size} is not a multiple of 512; the tail is not visible");
+            log::warn!(
+                "virtio-blk: disk size {size} is not a multiple of 512; the tail is not visible"
+            );
         }
         let capacity = size / SECTOR_SIZE;
         let read_only = disk.read_only();
@@ -175,11 +177,17 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let Active { mem, queue, interrupt } = active;
+        let Active {
+            mem,
+            queue,
+            interrupt,
+        } = active;
         let io = &mut self.io;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
-                io.log.warn(format_args!("virtio-blk: cannot disable notifications: {e}"));
+                io.log.warn(format_args!(
+                    "virtio-blk: cannot disable notifications: {e}"
+                ));
                 return;
             }
             let mut completed = 0u32;
@@ -187,7 +195,8 @@ impl Block {
                 let chain = match queue.iter(&*mem) {
                     Ok(mut iter) => iter.next(),
                     Err(e) => {
-                        io.log.warn(format_args!("virtio-blk: broken available ring: {e}"));
+                        io.log
+                            .warn(format_args!("virtio-blk: broken available ring: {e}"));
                         None
                     }
                 };
@@ -195,7 +204,9 @@ impl Block {
                 let head = chain.head_index();
                 let len = io.handle(mem, chain);
                 if let Err(e) = queue.add_used(&*mem, head, len) {
-                    io.log.warn(format_args!("virtio-blk: cannot complete request {head}: {e}"));
+                    io.log.warn(format_args!(
+                        "virtio-blk: cannot complete request {head}: {e}"
+                    ));
                 }
                 completed = completed.saturating_add(1);
             }
@@ -203,12 +214,14 @@ impl Block {
                 match queue.needs_notification(&*mem) {
                     Ok(true) => {
                         if let Err(e) = interrupt.signal_used_queue() {
-                            io.log.warn(format_args!("virtio-blk: cannot raise interrupt: {e}"));
+                            io.log
+                                .warn(format_args!("virtio-blk: cannot raise interrupt: {e}"));
                         }
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        io.log.warn(format_args!("virtio-blk: used_event unreadable: {e}"));
+                        io.log
+                            .warn(format_args!("virtio-blk: used_event unreadable: {e}"));
                     }
                 }
             }
@@ -216,7 +229,8 @@ impl Block {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    io.log.warn(format_args!("virtio-blk: cannot enable notifications: {e}"));
+                    io.log
+                        .warn(format_args!("virtio-blk: cannot enable notifications: {e}"));
                     return;
                 }
             }
@@ -226,11 +240,7 @@ impl Block {
 
 impl Io {
     /// Runs one chain; returns the used length (bytes written into the guest).
-    fn handle(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
+    fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
         self.metrics.add(Counter::Requests, 1);
         let head = chain.head_index();
         let request = match request::parse(chain, &self.limits) {
@@ -254,14 +264,18 @@ impl Io {
                 let cause = std::error::Error::source(&e)
                     .map(|s| format!(": {s}"))
                     .unwrap_or_default();
-                self.log.warn(format_args!("virtio-blk: request {head} failed: {e}{cause}"));
+                self.log.warn(format_args!(
+                    "virtio-blk: request {head} failed: {e}{cause}"
+                ));
                 (VIRTIO_BLK_S_IOERR as u8, 0)
             }
         };
         match mem.write_obj(status, request.status) {
             Ok(()) => written.saturating_add(1),
             Err(e) => {
-                self.log.warn(format_args!("virtio-blk: cannot write status of {head}: {e}"));
+                self.log.warn(format_args!(
+                    "virtio-blk: cannot write status of {head}: {e}"
+                ));
                 written
             }
         }
@@ -269,7 +283,13 @@ impl Io {
 
     /// Executes a parsed request; returns the bytes written into guest buffers.
     fn execute(&mut self, mem: &GuestMemoryMmap, kind: &RequestKind) -> Result<u32, BlockError> {
-        let refuse_ro = |ro: bool| if ro { Err(BlockError::ReadOnly) } else { Ok(()) };
+        let refuse_ro = |ro: bool| {
+            if ro {
+                Err(BlockError::ReadOnly)
+            } else {
+                Ok(())
+            }
+        };
         match kind {
             RequestKind::In { offset, data } => {
                 self.metrics.add(Counter::Reads, 1);
@@ -297,7 +317,9 @@ impl Io {
                 self.metrics.add(Counter::Discards, 1);
                 refuse_ro(self.read_only)?;
                 for r in ranges {
-                    self.disk.discard(r.offset, r.len).map_err(BlockError::Disk)?;
+                    self.disk
+                        .discard(r.offset, r.len)
+                        .map_err(BlockError::Disk)?;
                 }
                 Ok(0)
             }
@@ -305,7 +327,9 @@ impl Io {
                 self.metrics.add(Counter::WriteZeroes, 1);
                 refuse_ro(self.read_only)?;
                 for &Range { offset, len, .. } in ranges {
-                    self.disk.write_zeroes(offset, len).map_err(BlockError::Disk)?;
+                    self.disk
+                        .write_zeroes(offset, len)
+                        .map_err(BlockError::Disk)?;
                 }
                 Ok(0)
             }
@@ -325,19 +349,28 @@ impl Io {
             let mut done = 0u32;
             while done < seg.len {
                 let n = seg.len.saturating_sub(done).min(BOUNCE_LEN as u32);
-                let buf = self.bounce.get_mut(..n as usize).ok_or(BlockError::Overflow)?;
-                let addr = seg.addr.checked_add(u64::from(done)).ok_or(BlockError::Overflow)?;
+                let buf = self
+                    .bounce
+                    .get_mut(..n as usize)
+                    .ok_or(BlockError::Overflow)?;
+                let addr = seg
+                    .addr
+                    .checked_add(u64::from(done))
+                    .ok_or(BlockError::Overflow)?;
                 match dir {
                     Direction::ToGuest => {
                         self.disk.read_at(offset, buf).map_err(BlockError::Disk)?;
-                        mem.write_slice(buf, addr).map_err(BlockError::GuestMemory)?;
+                        mem.write_slice(buf, addr)
+                            .map_err(BlockError::GuestMemory)?;
                     }
                     Direction::ToDisk => {
                         mem.read_slice(buf, addr).map_err(BlockError::GuestMemory)?;
                         self.disk.write_at(offset, buf).map_err(BlockError::Disk)?;
                     }
                 }
-                offset = offset.checked_add(u64::from(n)).ok_or(BlockError::Overflow)?;
+                offset = offset
+                    .checked_add(u64::from(n))
+                    .ok_or(BlockError::Overflow)?;
                 done = done.saturating_add(n);
             }
             total = total.saturating_add(seg.len);
@@ -355,7 +388,8 @@ impl Io {
             }
             let n = remaining.len().min(seg.len as usize);
             let (chunk, rest) = remaining.split_at(n);
-            mem.write_slice(chunk, seg.addr).map_err(BlockError::GuestMemory)?;
+            mem.write_slice(chunk, seg.addr)
+                .map_err(BlockError::GuestMemory)?;
             written = written.saturating_add(n as u32);
             remaining = rest;
         }
@@ -413,7 +447,9 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let Ok(start) = usize::try_from(offset) else { return };
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
         let src = self.config.get(start..).unwrap_or_default();
         let n = src.len().min(data.len());
         if let (Some(dst), Some(src)) = (data.get_mut(..n), src.get(..n)) {
@@ -440,8 +476,14 @@ impl VirtioDevice for Block {
         if !queue.ready() {
             return Err(ActivateError::QueueNotReady(0));
         }
-        self.activate_evt.write(1).map_err(ActivateError::ActivateEvent)?;
-        self.active = Some(Active { mem: ctx.mem, queue, interrupt: ctx.interrupt });
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+        });
         Ok(())
     }
 

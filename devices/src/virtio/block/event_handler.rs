@@ -32,7 +32,11 @@ impl Block {
             log::error!("virtio-blk: cannot read the activate event: {e}");
         }
         if !self.queue_evt_registered {
-            match ops.add(Events::with_data(self.queue_evt(), PROCESS_QUEUE, EventSet::IN)) {
+            match ops.add(Events::with_data(
+                self.queue_evt(),
+                PROCESS_QUEUE,
+                EventSet::IN,
+            )) {
                 Ok(()) => self.queue_evt_registered = true,
                 Err(e) => log::error!("virtio-blk: cannot register the queue event: {e}"),
             }
@@ -43,20 +47,25 @@ impl Block {
 
     fn process_queue_event(&mut self) {
         if let Err(e) = drain(self.queue_evt()) {
-            self.log().warn(format_args!("virtio-blk: cannot read the queue event: {e}"));
+            self.log()
+                .warn(format_args!("virtio-blk: cannot read the queue event: {e}"));
         }
         if self.is_activated() {
             self.process_queue();
         } else {
-            self.log().warn(format_args!("virtio-blk: queue notified while not active"));
+            self.log()
+                .warn(format_args!("virtio-blk: queue notified while not active"));
         }
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.activate_evt, PROCESS_ACTIVATE, EventSet::IN))
-        {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            PROCESS_ACTIVATE,
+            EventSet::IN,
+        )) {
             log::error!("virtio-blk: cannot register the activate event: {e}");
         }
     }
@@ -74,7 +83,8 @@ impl MutEventSubscriber for Block {
             PROCESS_ACTIVATE => self.process_activate_event(ops),
             PROCESS_QUEUE => self.process_queue_event(),
             _ => {
-                self.log().warn(format_args!("virtio-blk: unknown event source {source}"));
+                self.log()
+                    .warn(format_args!("virtio-blk: unknown event source {source}"));
             }
         }
     }

@@ -66,7 +66,11 @@ pub enum RequestError {
     #[error("sector {sector} overflows a byte offset")]
     SectorOverflow { sector: u64 },
     #[error("{len} bytes at sector {sector} are past the end of the {capacity}-sector disk")]
-    OutOfRange { sector: u64, len: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        len: u64,
+        capacity: u64,
+    },
     #[error("the segment table has {len} bytes, not a non-zero multiple of 16")]
     BadSegmentTable { len: u64 },
     #[error("{count} segments, more than the {max} advertised")]
@@ -164,7 +168,10 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let reject = |error| Rejected { error, status: None };
+    let reject = |error| Rejected {
+        error,
+        status: None,
+    };
 
     // Header + data + status; one more to tell "too long" from "exactly the maximum".
     let max = limits.max_data_descriptors.saturating_add(2);
@@ -197,10 +204,12 @@ where
         })
         .map_err(reject)?;
 
-    parse_body(mem, rest, limits).map(|kind| Request { kind, status }).map_err(|error| Rejected {
-        error,
-        status: Some(status),
-    })
+    parse_body(mem, rest, limits)
+        .map(|kind| Request { kind, status })
+        .map_err(|error| Rejected {
+            error,
+            status: Some(status),
+        })
 }
 
 /// Parses header and data once the status byte is known.
@@ -219,7 +228,8 @@ fn parse_body<G: GuestMemory + ?Sized>(
         return Err(RequestError::ShortHeader { len: header.len() });
     }
     let mut raw = [0u8; HEADER_LEN as usize];
-    mem.read_slice(&mut raw, header.addr()).map_err(RequestError::ReadHeader)?;
+    mem.read_slice(&mut raw, header.addr())
+        .map_err(RequestError::ReadHeader)?;
     let (type_bytes, rest) = raw.split_at(4);
     let sector_bytes = rest.get(4..12).unwrap_or_default();
     let req_type = u32::from_le_bytes(type_bytes.try_into().unwrap_or_default());
@@ -237,9 +247,15 @@ fn parse_body<G: GuestMemory + ?Sized>(
             }
             let offset = byte_range(sector, len, limits.capacity)?;
             Ok(if write {
-                RequestKind::Out { offset, data: segments }
+                RequestKind::Out {
+                    offset,
+                    data: segments,
+                }
             } else {
-                RequestKind::In { offset, data: segments }
+                RequestKind::In {
+                    offset,
+                    data: segments,
+                }
             })
         }
         VIRTIO_BLK_T_FLUSH => {
@@ -289,7 +305,11 @@ fn data_segments<G: GuestMemory + ?Sized>(
     data: &[Descriptor],
     device_writes: bool,
 ) -> Result<(Vec<Segment>, u64), RequestError> {
-    let access = if device_writes { Permissions::Write } else { Permissions::Read };
+    let access = if device_writes {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
     let mut total = 0u64;
     let mut segments = Vec::with_capacity(data.len());
     for (index, d) in data.iter().enumerate() {
@@ -306,19 +326,28 @@ fn data_segments<G: GuestMemory + ?Sized>(
         }
         // At most 65536 descriptors of < 4 GiB each: cannot overflow, but stay checked.
         total = total.saturating_add(u64::from(d.len()));
-        segments.push(Segment { addr: d.addr(), len: d.len() });
+        segments.push(Segment {
+            addr: d.addr(),
+            len: d.len(),
+        });
     }
     Ok((segments, total))
 }
 
 /// `sector * 512`, checked to lie with `len` bytes inside a disk of `capacity` sectors.
 fn byte_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RequestError> {
-    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(RequestError::SectorOverflow { sector })?;
+    let offset = sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or(RequestError::SectorOverflow { sector })?;
     let end = offset.checked_add(len);
     let disk_bytes = capacity.saturating_mul(SECTOR_SIZE);
     match end {
         Some(end) if end <= disk_bytes => Ok(offset),
-        _ => Err(RequestError::OutOfRange { sector, len, capacity }),
+        _ => Err(RequestError::OutOfRange {
+            sector,
+            len,
+            capacity,
+        }),
     }
 }
 
@@ -337,16 +366,25 @@ fn parse_ranges<G: GuestMemory + ?Sized>(
     }
     let count = len / u64::from(SEGMENT_LEN);
     if count > u64::from(max_segments) {
-        return Err(RequestError::TooManySegments { count, max: max_segments });
+        return Err(RequestError::TooManySegments {
+            count,
+            max: max_segments,
+        });
     }
     // Bounded by max_segments * 16 bytes.
-    let mut table = vec![0u8; usize::try_from(len).map_err(|_| RequestError::BadSegmentTable { len })?];
+    let mut table =
+        vec![0u8; usize::try_from(len).map_err(|_| RequestError::BadSegmentTable { len })?];
     let mut filled = 0usize;
     for seg in &segments {
         let n = usize::try_from(seg.len).map_err(|_| RequestError::BadSegmentTable { len })?;
-        let end = filled.checked_add(n).ok_or(RequestError::BadSegmentTable { len })?;
-        let dst = table.get_mut(filled..end).ok_or(RequestError::BadSegmentTable { len })?;
-        mem.read_slice(dst, seg.addr).map_err(RequestError::ReadSegments)?;
+        let end = filled
+            .checked_add(n)
+            .ok_or(RequestError::BadSegmentTable { len })?;
+        let dst = table
+            .get_mut(filled..end)
+            .ok_or(RequestError::BadSegmentTable { len })?;
+        mem.read_slice(dst, seg.addr)
+            .map_err(RequestError::ReadSegments)?;
         filled = end;
     }
 
@@ -361,11 +399,18 @@ fn parse_ranges<G: GuestMemory + ?Sized>(
             return Err(RequestError::UnsupportedFlags { flags });
         }
         if num > max_sectors {
-            return Err(RequestError::TooManySectors { num, max: max_sectors });
+            return Err(RequestError::TooManySectors {
+                num,
+                max: max_sectors,
+            });
         }
         let bytes = u64::from(num) * SECTOR_SIZE;
         let offset = byte_range(sector, bytes, limits.capacity)?;
-        ranges.push(Range { offset, len: bytes, unmap: flags & FLAG_UNMAP != 0 });
+        ranges.push(Range {
+            offset,
+            len: bytes,
+            unmap: flags & FLAG_UNMAP != 0,
+        });
     }
     Ok(ranges)
 }
@@ -411,7 +456,8 @@ mod tests {
             raw[..8].copy_from_slice(&sector.to_le_bytes());
             raw[8..12].copy_from_slice(&num.to_le_bytes());
             raw[12..].copy_from_slice(&flags.to_le_bytes());
-            mem.write_slice(&raw, GuestAddress(SEGS + 16 * i as u64)).unwrap();
+            mem.write_slice(&raw, GuestAddress(SEGS + 16 * i as u64))
+                .unwrap();
         }
     }
 
@@ -432,22 +478,40 @@ mod tests {
     fn parses_read_write_flush_get_id() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 2);
-        let r = run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(DATA + 512, 512, WO), desc(STATUS, 1, WO)])
-            .unwrap();
+        let r = run(
+            &m,
+            &[
+                desc(HDR, 16, RO),
+                desc(DATA, 512, WO),
+                desc(DATA + 512, 512, WO),
+                desc(STATUS, 1, WO),
+            ],
+        )
+        .unwrap();
         assert_eq!(r.status, GuestAddress(STATUS));
         assert_eq!(
             r.kind,
             RequestKind::In {
                 offset: 1024,
                 data: vec![
-                    Segment { addr: GuestAddress(DATA), len: 512 },
-                    Segment { addr: GuestAddress(DATA + 512), len: 512 }
+                    Segment {
+                        addr: GuestAddress(DATA),
+                        len: 512
+                    },
+                    Segment {
+                        addr: GuestAddress(DATA + 512),
+                        len: 512
+                    }
                 ]
             }
         );
 
         header(&m, VIRTIO_BLK_T_OUT, 63);
-        let r = run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)]).unwrap();
+        let r = run(
+            &m,
+            &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)],
+        )
+        .unwrap();
         assert!(matches!(r.kind, RequestKind::Out { offset: 32256, .. }));
 
         header(&m, VIRTIO_BLK_T_FLUSH, 0);
@@ -455,7 +519,11 @@ mod tests {
         assert_eq!(r.kind, RequestKind::Flush);
 
         header(&m, VIRTIO_BLK_T_GET_ID, 0);
-        let r = run(&m, &[desc(HDR, 16, RO), desc(DATA, 20, WO), desc(STATUS, 1, WO)]).unwrap();
+        let r = run(
+            &m,
+            &[desc(HDR, 16, RO), desc(DATA, 20, WO), desc(STATUS, 1, WO)],
+        )
+        .unwrap();
         assert!(matches!(r.kind, RequestKind::GetId { .. }));
 
         // The status is the last byte of a longer status descriptor.
@@ -469,18 +537,41 @@ mod tests {
         let m = mem();
         header(&m, VIRTIO_BLK_T_DISCARD, 0);
         segments(&m, &[(0, 8, 0), (60, 4, 0)]);
-        let r = run(&m, &[desc(HDR, 16, RO), desc(SEGS, 32, RO), desc(STATUS, 1, WO)]).unwrap();
+        let r = run(
+            &m,
+            &[desc(HDR, 16, RO), desc(SEGS, 32, RO), desc(STATUS, 1, WO)],
+        )
+        .unwrap();
         assert_eq!(
             r.kind,
             RequestKind::Discard(vec![
-                Range { offset: 0, len: 4096, unmap: false },
-                Range { offset: 60 * 512, len: 2048, unmap: false }
+                Range {
+                    offset: 0,
+                    len: 4096,
+                    unmap: false
+                },
+                Range {
+                    offset: 60 * 512,
+                    len: 2048,
+                    unmap: false
+                }
             ])
         );
         header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
         segments(&m, &[(1, 2, FLAG_UNMAP)]);
-        let r = run(&m, &[desc(HDR, 16, RO), desc(SEGS, 16, RO), desc(STATUS, 1, WO)]).unwrap();
-        assert_eq!(r.kind, RequestKind::WriteZeroes(vec![Range { offset: 512, len: 1024, unmap: true }]));
+        let r = run(
+            &m,
+            &[desc(HDR, 16, RO), desc(SEGS, 16, RO), desc(STATUS, 1, WO)],
+        )
+        .unwrap();
+        assert_eq!(
+            r.kind,
+            RequestKind::WriteZeroes(vec![Range {
+                offset: 512,
+                len: 1024,
+                unmap: true
+            }])
+        );
     }
 
     #[test]
@@ -488,16 +579,27 @@ mod tests {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 0);
         assert_eq!(
-            err(run(&m, &[desc(HDR, 15, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)])),
+            err(run(
+                &m,
+                &[desc(HDR, 15, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)]
+            )),
             (RequestError::ShortHeader { len: 15 }, ST)
         );
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, WO), desc(DATA, 512, WO), desc(STATUS, 1, WO)])),
+            err(run(
+                &m,
+                &[desc(HDR, 16, WO), desc(DATA, 512, WO), desc(STATUS, 1, WO)]
+            )),
             (RequestError::HeaderWriteOnly, ST)
         );
-        assert_eq!(err(run(&m, &[desc(STATUS, 1, WO)])), (RequestError::MissingHeader, ST));
         assert_eq!(
-            err(run(&m, &[desc(0x20_0000, 16, RO), desc(STATUS, 1, WO)])).0.status(),
+            err(run(&m, &[desc(STATUS, 1, WO)])),
+            (RequestError::MissingHeader, ST)
+        );
+        assert_eq!(
+            err(run(&m, &[desc(0x20_0000, 16, RO), desc(STATUS, 1, WO)]))
+                .0
+                .status(),
             VIRTIO_BLK_S_IOERR as u8
         );
         header(&m, 77, 0);
@@ -512,23 +614,51 @@ mod tests {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 64);
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)])),
-            (RequestError::OutOfRange { sector: 64, len: 512, capacity: 64 }, ST)
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)]
+            )),
+            (
+                RequestError::OutOfRange {
+                    sector: 64,
+                    len: 512,
+                    capacity: 64
+                },
+                ST
+            )
         );
         header(&m, VIRTIO_BLK_T_OUT, 63);
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 1024, RO), desc(STATUS, 1, WO)])).0,
-            RequestError::OutOfRange { sector: 63, len: 1024, capacity: 64 }
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 1024, RO), desc(STATUS, 1, WO)]
+            ))
+            .0,
+            RequestError::OutOfRange {
+                sector: 63,
+                len: 1024,
+                capacity: 64
+            }
         );
         header(&m, VIRTIO_BLK_T_IN, u64::MAX / 256);
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)])).0,
-            RequestError::SectorOverflow { sector: u64::MAX / 256 }
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)]
+            ))
+            .0,
+            RequestError::SectorOverflow {
+                sector: u64::MAX / 256
+            }
         );
         // offset fits, offset + len overflows
         header(&m, VIRTIO_BLK_T_IN, u64::MAX / 512);
         assert!(matches!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 1024, WO), desc(STATUS, 1, WO)])).0,
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 1024, WO), desc(STATUS, 1, WO)]
+            ))
+            .0,
             RequestError::OutOfRange { .. }
         ));
     }
@@ -538,11 +668,23 @@ mod tests {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 0);
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)])),
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)]
+            )),
             (RequestError::DataWrongDirection { index: 0 }, ST)
         );
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(DATA, 0, WO), desc(STATUS, 1, WO)])).0,
+            err(run(
+                &m,
+                &[
+                    desc(HDR, 16, RO),
+                    desc(DATA, 512, WO),
+                    desc(DATA, 0, WO),
+                    desc(STATUS, 1, WO)
+                ]
+            ))
+            .0,
             RequestError::EmptyDataDescriptor { index: 1 }
         );
         assert_eq!(
@@ -550,26 +692,50 @@ mod tests {
             RequestError::MissingData
         );
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 100, WO), desc(STATUS, 1, WO)])).0,
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 100, WO), desc(STATUS, 1, WO)]
+            ))
+            .0,
             RequestError::UnalignedLength { len: 100 }
         );
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(0xf_ff00, 512, WO), desc(STATUS, 1, WO)])).0,
+            err(run(
+                &m,
+                &[
+                    desc(HDR, 16, RO),
+                    desc(0xf_ff00, 512, WO),
+                    desc(STATUS, 1, WO)
+                ]
+            ))
+            .0,
             RequestError::DataOutOfMemory { index: 0 }
         );
         header(&m, VIRTIO_BLK_T_OUT, 0);
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)])).0,
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)]
+            ))
+            .0,
             RequestError::DataWrongDirection { index: 0 }
         );
         header(&m, VIRTIO_BLK_T_GET_ID, 0);
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 20, RO), desc(STATUS, 1, WO)])).0,
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 20, RO), desc(STATUS, 1, WO)]
+            ))
+            .0,
             RequestError::DataWrongDirection { index: 0 }
         );
         header(&m, VIRTIO_BLK_T_FLUSH, 0);
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)])).0,
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)]
+            ))
+            .0,
             RequestError::UnexpectedData
         );
     }
@@ -591,15 +757,28 @@ mod tests {
             (RequestError::StatusNotWritable, None)
         );
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 0, WO)])),
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 0, WO)]
+            )),
             (RequestError::StatusEmpty, None)
         );
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, RO)])),
+            err(run(
+                &m,
+                &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, RO)]
+            )),
             (RequestError::StatusNotWritable, None)
         );
         assert_eq!(
-            err(run(&m, &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(0x10_0000, 1, WO)])),
+            err(run(
+                &m,
+                &[
+                    desc(HDR, 16, RO),
+                    desc(DATA, 512, RO),
+                    desc(0x10_0000, 1, WO)
+                ]
+            )),
             (RequestError::StatusOutOfMemory, None)
         );
     }
@@ -612,7 +791,10 @@ mod tests {
         let mut descs = vec![desc(HDR, 16, RO)];
         descs.extend((0..5).map(|i| desc(DATA + 512 * i, 512, RO)));
         descs.push(desc(STATUS, 1, WO));
-        assert_eq!(err(run(&m, &descs)), (RequestError::TooManyDescriptors { max: 6 }, None));
+        assert_eq!(
+            err(run(&m, &descs)),
+            (RequestError::TooManyDescriptors { max: 6 }, None)
+        );
 
         // A loop: 0 -> 1 -> 0 ...
         let vq = MockSplitQueue::new(&m, 16);
@@ -621,26 +803,46 @@ mod tests {
             RawDescriptor::from(Descriptor::new(DATA, 512, 1, 0)),
         ];
         let chain = vq.build_multiple_desc_chains(&looped).unwrap();
-        let big = RequestLimits { max_data_descriptors: 100, ..limits() };
+        let big = RequestLimits {
+            max_data_descriptors: 100,
+            ..limits()
+        };
         assert_eq!(
             parse(chain, &big).unwrap_err(),
-            Rejected { error: RequestError::UnterminatedChain, status: None }
+            Rejected {
+                error: RequestError::UnterminatedChain,
+                status: None
+            }
         );
         // "next" past the table.
         let vq = MockSplitQueue::new(&m, 16);
         let past = [RawDescriptor::from(Descriptor::new(HDR, 16, 1, 40))];
         let chain = vq.build_multiple_desc_chains(&past).unwrap();
-        assert_eq!(parse(chain, &big).unwrap_err().error, RequestError::UnterminatedChain);
+        assert_eq!(
+            parse(chain, &big).unwrap_err().error,
+            RequestError::UnterminatedChain
+        );
     }
 
     #[test]
     fn segment_table_errors() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_DISCARD, 0);
-        let run_segs = |len: u32| run(&m, &[desc(HDR, 16, RO), desc(SEGS, len, RO), desc(STATUS, 1, WO)]);
+        let run_segs = |len: u32| {
+            run(
+                &m,
+                &[desc(HDR, 16, RO), desc(SEGS, len, RO), desc(STATUS, 1, WO)],
+            )
+        };
         segments(&m, &[(0, 1, 0), (1, 1, 0), (2, 1, 0)]);
-        assert_eq!(err(run_segs(20)), (RequestError::BadSegmentTable { len: 20 }, ST));
-        assert_eq!(err(run_segs(48)).0, RequestError::TooManySegments { count: 3, max: 2 });
+        assert_eq!(
+            err(run_segs(20)),
+            (RequestError::BadSegmentTable { len: 20 }, ST)
+        );
+        assert_eq!(
+            err(run_segs(48)).0,
+            RequestError::TooManySegments { count: 3, max: 2 }
+        );
         assert_eq!(
             err(run(&m, &[desc(HDR, 16, RO), desc(STATUS, 1, WO)])).0,
             RequestError::BadSegmentTable { len: 0 }
@@ -650,21 +852,51 @@ mod tests {
         assert_eq!(e, RequestError::UnsupportedFlags { flags: 1 });
         assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
         segments(&m, &[(0, 17, 0)]);
-        assert_eq!(err(run_segs(16)).0, RequestError::TooManySectors { num: 17, max: 16 });
+        assert_eq!(
+            err(run_segs(16)).0,
+            RequestError::TooManySectors { num: 17, max: 16 }
+        );
         segments(&m, &[(60, 8, 0)]);
-        assert!(matches!(err(run_segs(16)).0, RequestError::OutOfRange { sector: 60, .. }));
+        assert!(matches!(
+            err(run_segs(16)).0,
+            RequestError::OutOfRange { sector: 60, .. }
+        ));
         segments(&m, &[(u64::MAX, 1, 0)]);
-        assert_eq!(err(run_segs(16)).0, RequestError::SectorOverflow { sector: u64::MAX });
+        assert_eq!(
+            err(run_segs(16)).0,
+            RequestError::SectorOverflow { sector: u64::MAX }
+        );
 
         header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
         segments(&m, &[(0, 1, 0x4)]);
-        assert_eq!(err(run_segs(16)).0, RequestError::UnsupportedFlags { flags: 4 });
+        assert_eq!(
+            err(run_segs(16)).0,
+            RequestError::UnsupportedFlags { flags: 4 }
+        );
         segments(&m, &[(0, 1, 0), (1, 1, 0)]);
-        assert_eq!(err(run_segs(32)).0, RequestError::TooManySegments { count: 2, max: 1 });
+        assert_eq!(
+            err(run_segs(32)).0,
+            RequestError::TooManySegments { count: 2, max: 1 }
+        );
         // The table spread over two descriptors is read in order.
         segments(&m, &[(3, 2, 0)]);
-        let r = run(&m, &[desc(HDR, 16, RO), desc(SEGS, 10, RO), desc(SEGS + 10, 6, RO), desc(STATUS, 1, WO)])
-            .unwrap();
-        assert_eq!(r.kind, RequestKind::WriteZeroes(vec![Range { offset: 1536, len: 1024, unmap: false }]));
+        let r = run(
+            &m,
+            &[
+                desc(HDR, 16, RO),
+                desc(SEGS, 10, RO),
+                desc(SEGS + 10, 6, RO),
+                desc(STATUS, 1, WO),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            r.kind,
+            RequestKind::WriteZeroes(vec![Range {
+                offset: 1536,
+                len: 1024,
+                unmap: false
+            }])
+        );
     }
 }

@@ -36,7 +36,10 @@ fn status_at(mem: &crate::virtio::GuestMemoryMmap, at: u64) -> u8 {
 fn setup(read_only: bool) -> (TestVmm, Slot, MemDisk) {
     let disk = MemDisk::new(DISK_SIZE, read_only);
     let mut vmm = TestVmm::new();
-    let slot = vmm.add_block(Block::new(Box::new(disk.clone()), Some("kestrel-disk-0")).unwrap(), BASE);
+    let slot = vmm.add_block(
+        Block::new(Box::new(disk.clone()), Some("kestrel-disk-0")).unwrap(),
+        BASE,
+    );
     (vmm, slot, disk)
 }
 
@@ -68,7 +71,10 @@ fn probe_config_and_round_trips() {
     // Config space: capacity (read as two 32-bit halves, as Linux does), seg_max, blk_size.
     let cap_lo = u32::from_le_bytes(d.config(&vmm, 0, 4).try_into().unwrap());
     let cap_hi = u32::from_le_bytes(d.config(&vmm, 4, 4).try_into().unwrap());
-    assert_eq!((u64::from(cap_hi) << 32) | u64::from(cap_lo), (DISK_SIZE / 512) as u64);
+    assert_eq!(
+        (u64::from(cap_hi) << 32) | u64::from(cap_lo),
+        (DISK_SIZE / 512) as u64
+    );
     assert_eq!(d.config(&vmm, 12, 4), 254u32.to_le_bytes());
     assert_eq!(d.config(&vmm, 20, 4), 512u32.to_le_bytes());
     assert_eq!(d.config(&vmm, 0x200, 4), [0; 4]);
@@ -83,7 +89,12 @@ fn probe_config_and_round_trips() {
     let (_, len) = submit(
         &mut vmm,
         &mut d,
-        &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(DATA + 512, 512, RO), desc(STATUS, 1, WO)],
+        &[
+            desc(HDR, 16, RO),
+            desc(DATA, 512, RO),
+            desc(DATA + 512, 512, RO),
+            desc(STATUS, 1, WO),
+        ],
     );
     assert_eq!(len, 1);
     assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
@@ -94,17 +105,30 @@ fn probe_config_and_round_trips() {
     let (_, len) = submit(
         &mut vmm,
         &mut d,
-        &[desc(HDR, 16, RO), desc(DATA + 0x1000, 1024, WO), desc(STATUS, 1, WO)],
+        &[
+            desc(HDR, 16, RO),
+            desc(DATA + 0x1000, 1024, WO),
+            desc(STATUS, 1, WO),
+        ],
     );
     assert_eq!(len, 1025);
     let mut back = vec![0u8; 1024];
-    mem.read_slice(&mut back, GuestAddress(DATA + 0x1000)).unwrap();
+    mem.read_slice(&mut back, GuestAddress(DATA + 0x1000))
+        .unwrap();
     assert_eq!(back, payload);
 
     // A read larger than the bounce buffer, at the end of the disk.
     let big = 256 * 1024;
     header(&mem, HDR, VIRTIO_BLK_T_IN, ((DISK_SIZE - big) / 512) as u64);
-    submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(DATA, big as u32, WO), desc(STATUS, 1, WO)]);
+    submit(
+        &mut vmm,
+        &mut d,
+        &[
+            desc(HDR, 16, RO),
+            desc(DATA, big as u32, WO),
+            desc(STATUS, 1, WO),
+        ],
+    );
     assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
     let mut back = vec![0u8; big];
     mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
@@ -119,7 +143,11 @@ fn probe_config_and_round_trips() {
     // GET_ID: 20 bytes, zero padded.
     header(&mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
     mem.write_slice(&[0xff; 20], GuestAddress(DATA)).unwrap();
-    let (_, len) = submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(DATA, 20, WO), desc(STATUS, 1, WO)]);
+    let (_, len) = submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 20, WO), desc(STATUS, 1, WO)],
+    );
     assert_eq!(len, 21);
     let mut id = [0u8; 20];
     mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
@@ -133,29 +161,51 @@ fn probe_config_and_round_trips() {
         raw[12..].copy_from_slice(&flags.to_le_bytes());
         raw
     };
-    mem.write_slice(&[seg(8, 8, 0), seg(100, 1, 0)].concat(), GuestAddress(DATA)).unwrap();
+    mem.write_slice(&[seg(8, 8, 0), seg(100, 1, 0)].concat(), GuestAddress(DATA))
+        .unwrap();
     header(&mem, HDR, VIRTIO_BLK_T_DISCARD, 0);
-    submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(DATA, 32, RO), desc(STATUS, 1, WO)]);
+    submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 32, RO), desc(STATUS, 1, WO)],
+    );
     assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
     assert_eq!(disk.state().discards, vec![(4096, 4096), (51200, 512)]);
     assert!(disk.state().data[4096..8192].iter().all(|&b| b == 0));
 
     mem.write_slice(&seg(20, 2, 1), GuestAddress(DATA)).unwrap();
     header(&mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-    submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(DATA, 16, RO), desc(STATUS, 1, WO)]);
+    submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 16, RO), desc(STATUS, 1, WO)],
+    );
     assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
     assert_eq!(disk.state().write_zeroes, vec![(10240, 1024)]);
 
     let m = slot.block.lock().unwrap().metrics().snapshot();
     assert_eq!(m.requests, 7);
-    assert_eq!((m.reads, m.writes, m.flushes, m.get_ids, m.discards, m.write_zeroes), (2, 1, 1, 1, 1, 1));
+    assert_eq!(
+        (
+            m.reads,
+            m.writes,
+            m.flushes,
+            m.get_ids,
+            m.discards,
+            m.write_zeroes
+        ),
+        (2, 1, 1, 1, 1, 1)
+    );
     assert_eq!(m.read_bytes, 1024 + big as u64);
     assert_eq!(m.write_bytes, 1024);
     assert_eq!((m.invalid_requests, m.io_errors), (0, 0));
     // Every completion interrupted (no event-idx suppression asked for: used_event is 0,
     // crossed on the first completion only... the driver here never moves it).
     assert!(slot.irq.count() >= 1);
-    assert_ne!(d.read(&vmm, reg::INTERRUPT_STATUS) & interrupt::USED_RING, 0);
+    assert_ne!(
+        d.read(&vmm, reg::INTERRUPT_STATUS) & interrupt::USED_RING,
+        0
+    );
 }
 
 #[test]
@@ -165,29 +215,47 @@ fn read_only_disk_refuses_writes_even_if_driver_ignores_the_bit() {
     let mut d = Driver::new(&mem, BASE, QUEUE, 16);
     let offered = d.device_features(&vmm);
     assert_ne!(offered & 1 << VIRTIO_BLK_F_RO, 0);
-    assert_eq!(offered & (1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    assert_eq!(
+        offered & (1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES),
+        0
+    );
     // A driver that does not accept RO.
     d.probe(&mut vmm, !(1 << VIRTIO_BLK_F_RO));
 
     let before = disk.state().data.clone();
     mem.write_slice(&[0xaa; 512], GuestAddress(DATA)).unwrap();
     header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
-    let (_, len) = submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)]);
-    assert_eq!((len, status_at(&mem, STATUS)), (1, VIRTIO_BLK_S_IOERR as u8));
+    let (_, len) = submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)],
+    );
+    assert_eq!(
+        (len, status_at(&mem, STATUS)),
+        (1, VIRTIO_BLK_S_IOERR as u8)
+    );
 
     mem.write_slice(&[0u8; 16], GuestAddress(DATA)).unwrap();
     mem.write_obj(1u32, GuestAddress(DATA + 8)).unwrap();
     for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
         header(&mem, HDR, t, 0);
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(DATA, 16, RO), desc(STATUS, 1, WO)]);
+        submit(
+            &mut vmm,
+            &mut d,
+            &[desc(HDR, 16, RO), desc(DATA, 16, RO), desc(STATUS, 1, WO)],
+        );
         assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_IOERR as u8);
     }
     assert_eq!(disk.state().data, before);
 
     // Reads still work.
     header(&mem, HDR, VIRTIO_BLK_T_IN, 1);
-    submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)]);
+    submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)],
+    );
     assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
     let m = slot.block.lock().unwrap().metrics().snapshot();
     assert_eq!((m.io_errors, m.write_bytes, m.reads), (3, 0, 1));
@@ -205,27 +273,97 @@ fn malformed_requests_fail_alone() {
     type Case = (u32, u64, Vec<RawDescriptor>, u32, Option<u32>);
     let cases: Vec<Case> = vec![
         // short header
-        (VIRTIO_BLK_T_IN, 0, vec![desc(HDR, 8, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)], 1, Some(VIRTIO_BLK_S_IOERR)),
+        (
+            VIRTIO_BLK_T_IN,
+            0,
+            vec![desc(HDR, 8, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)],
+            1,
+            Some(VIRTIO_BLK_S_IOERR),
+        ),
         // header in a write-only descriptor
-        (VIRTIO_BLK_T_IN, 0, vec![desc(HDR, 16, WO), desc(DATA, 512, WO), desc(STATUS, 1, WO)], 1, Some(VIRTIO_BLK_S_IOERR)),
+        (
+            VIRTIO_BLK_T_IN,
+            0,
+            vec![desc(HDR, 16, WO), desc(DATA, 512, WO), desc(STATUS, 1, WO)],
+            1,
+            Some(VIRTIO_BLK_S_IOERR),
+        ),
         // sector past the end
-        (VIRTIO_BLK_T_IN, last_sector, vec![desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)], 1, Some(VIRTIO_BLK_S_IOERR)),
+        (
+            VIRTIO_BLK_T_IN,
+            last_sector,
+            vec![desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)],
+            1,
+            Some(VIRTIO_BLK_S_IOERR),
+        ),
         // sector * 512 overflows
-        (VIRTIO_BLK_T_OUT, u64::MAX, vec![desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)], 1, Some(VIRTIO_BLK_S_IOERR)),
+        (
+            VIRTIO_BLK_T_OUT,
+            u64::MAX,
+            vec![desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)],
+            1,
+            Some(VIRTIO_BLK_S_IOERR),
+        ),
         // data of the wrong direction
-        (VIRTIO_BLK_T_IN, 0, vec![desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)], 1, Some(VIRTIO_BLK_S_IOERR)),
+        (
+            VIRTIO_BLK_T_IN,
+            0,
+            vec![desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, WO)],
+            1,
+            Some(VIRTIO_BLK_S_IOERR),
+        ),
         // zero-length data
-        (VIRTIO_BLK_T_OUT, 0, vec![desc(HDR, 16, RO), desc(DATA, 0, RO), desc(STATUS, 1, WO)], 1, Some(VIRTIO_BLK_S_IOERR)),
+        (
+            VIRTIO_BLK_T_OUT,
+            0,
+            vec![desc(HDR, 16, RO), desc(DATA, 0, RO), desc(STATUS, 1, WO)],
+            1,
+            Some(VIRTIO_BLK_S_IOERR),
+        ),
         // unknown type
-        (99, 0, vec![desc(HDR, 16, RO), desc(STATUS, 1, WO)], 1, Some(VIRTIO_BLK_S_UNSUPP)),
+        (
+            99,
+            0,
+            vec![desc(HDR, 16, RO), desc(STATUS, 1, WO)],
+            1,
+            Some(VIRTIO_BLK_S_UNSUPP),
+        ),
         // status descriptor read-only: no status to write
-        (VIRTIO_BLK_T_OUT, 0, vec![desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, RO)], 0, None),
+        (
+            VIRTIO_BLK_T_OUT,
+            0,
+            vec![desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 1, RO)],
+            0,
+            None,
+        ),
         // status descriptor empty
-        (VIRTIO_BLK_T_OUT, 0, vec![desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 0, WO)], 0, None),
+        (
+            VIRTIO_BLK_T_OUT,
+            0,
+            vec![desc(HDR, 16, RO), desc(DATA, 512, RO), desc(STATUS, 0, WO)],
+            0,
+            None,
+        ),
         // status missing (chain ends with read-only data)
-        (VIRTIO_BLK_T_OUT, 0, vec![desc(HDR, 16, RO), desc(DATA, 512, RO)], 0, None),
+        (
+            VIRTIO_BLK_T_OUT,
+            0,
+            vec![desc(HDR, 16, RO), desc(DATA, 512, RO)],
+            0,
+            None,
+        ),
         // data outside guest memory
-        (VIRTIO_BLK_T_IN, 0, vec![desc(HDR, 16, RO), desc(0x8000_0000, 512, WO), desc(STATUS, 1, WO)], 1, Some(VIRTIO_BLK_S_IOERR)),
+        (
+            VIRTIO_BLK_T_IN,
+            0,
+            vec![
+                desc(HDR, 16, RO),
+                desc(0x8000_0000, 512, WO),
+                desc(STATUS, 1, WO),
+            ],
+            1,
+            Some(VIRTIO_BLK_S_IOERR),
+        ),
     ];
     for (i, (t, sector, chain, want_len, want_status)) in cases.into_iter().enumerate() {
         header(&mem, HDR, t, sector);
@@ -240,7 +378,12 @@ fn malformed_requests_fail_alone() {
     header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     let looped = [
         RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(HDR, 16, 1, 15)),
-        RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(DATA, 512, 1 | 2, 14)),
+        RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+            DATA,
+            512,
+            1 | 2,
+            14,
+        )),
     ];
     // Head at 14 -> 15 -> 14 ...
     d.vq.add_desc_chains(&looped, 14).unwrap();
@@ -250,7 +393,11 @@ fn malformed_requests_fail_alone() {
 
     // The device still works.
     header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
-    submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)]);
+    submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)],
+    );
     assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
     assert_eq!(d.read(&vmm, reg::STATUS), 0xf);
     let m = slot.block.lock().unwrap().metrics().snapshot();
@@ -275,10 +422,21 @@ fn too_many_descriptors_is_refused() {
             i if i == n - 1 => (STATUS, 1, 2),
             _ => (DATA, 512, 1 | 2),
         };
-        let raw = RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(addr, len, flags, i + 1));
-        mem.write_obj(raw, GuestAddress(table + 16 * u64::from(i))).unwrap();
+        let raw = RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+            addr,
+            len,
+            flags,
+            i + 1,
+        ));
+        mem.write_obj(raw, GuestAddress(table + 16 * u64::from(i)))
+            .unwrap();
     }
-    let head = RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(table, 16 * u32::from(n), 4, 0));
+    let head = RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+        table,
+        16 * u32::from(n),
+        4,
+        0,
+    ));
     d.vq.add_desc_chains(&[head], 0).unwrap();
     mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
     d.notify(&vmm);
@@ -371,7 +529,9 @@ fn ioeventfd_path_and_requests_queued_before_activation() {
     header(&mem, HDR, VIRTIO_BLK_T_IN, 2);
     d.add_chain(&[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)]);
     // Notified before DRIVER_OK (as KVM would deliver it: the EventFd).
-    slot.transport.lock().unwrap().queue_events()[0].write(1).unwrap();
+    slot.transport.lock().unwrap().queue_events()[0]
+        .write(1)
+        .unwrap();
     vmm.run();
     assert!(d.take_used().is_empty());
     d.driver_ok(&vmm);
@@ -386,7 +546,9 @@ fn ioeventfd_path_and_requests_queued_before_activation() {
     // Next request through the ioeventfd only.
     header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
     d.add_chain(&[desc(HDR, 16, RO), desc(STATUS, 1, WO)]);
-    slot.transport.lock().unwrap().queue_events()[0].write(1).unwrap();
+    slot.transport.lock().unwrap().queue_events()[0]
+        .write(1)
+        .unwrap();
     vmm.run();
     assert_eq!(d.take_used().len(), 1);
     assert_eq!(disk.state().flushes, 1);
@@ -436,7 +598,14 @@ fn several_disks_in_one_event_loop() {
         .collect();
     let mem = vmm.mem.clone();
     let mut drivers: Vec<Driver<'_>> = (0..3)
-        .map(|i| Driver::new(&mem, BASE + 0x1000 * i as u64, QUEUE + 0x4000 * i as u64, 16))
+        .map(|i| {
+            Driver::new(
+                &mem,
+                BASE + 0x1000 * i as u64,
+                QUEUE + 0x4000 * i as u64,
+                16,
+            )
+        })
         .collect();
     for d in &drivers {
         d.probe(&mut vmm, ALL);
@@ -446,15 +615,22 @@ fn several_disks_in_one_event_loop() {
         let hdr = HDR + 0x100 * i as u64;
         let data = DATA + 0x1000 * i as u64;
         header(&mem, hdr, VIRTIO_BLK_T_OUT, 1);
-        mem.write_slice(&[i as u8 + 1; 512], GuestAddress(data)).unwrap();
-        d.add_chain(&[desc(hdr, 16, RO), desc(data, 512, RO), desc(STATUS + i as u64, 1, WO)]);
+        mem.write_slice(&[i as u8 + 1; 512], GuestAddress(data))
+            .unwrap();
+        d.add_chain(&[
+            desc(hdr, 16, RO),
+            desc(data, 512, RO),
+            desc(STATUS + i as u64, 1, WO),
+        ]);
         d.notify(&vmm);
     }
     vmm.run();
     for (i, d) in drivers.iter_mut().enumerate() {
         assert_eq!(d.take_used().len(), 1);
         assert_eq!(status_at(&mem, STATUS + i as u64), VIRTIO_BLK_S_OK as u8);
-        assert!(disks[i].state().data[512..1024].iter().all(|&b| b == i as u8 + 1));
+        assert!(disks[i].state().data[512..1024]
+            .iter()
+            .all(|&b| b == i as u8 + 1));
         assert_eq!(slots[i].irq.count(), 1);
     }
 }
@@ -462,7 +638,9 @@ fn several_disks_in_one_event_loop() {
 #[test]
 fn serial_longer_than_20_bytes_is_refused() {
     let disk = MemDisk::new(4096, false);
-    let err = Block::new(Box::new(disk), Some("123456789012345678901")).err().unwrap();
+    let err = Block::new(Box::new(disk), Some("123456789012345678901"))
+        .err()
+        .unwrap();
     assert!(matches!(err, BlockError::SerialTooLong { len: 21 }));
 }
 
@@ -474,6 +652,9 @@ fn needs_reset_raises_config_interrupt() {
     d.write(&vmm, reg::STATUS, status::ACKNOWLEDGE);
     d.write(&vmm, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER_OK);
     assert_ne!(d.read(&vmm, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
-    assert_eq!(d.read(&vmm, reg::INTERRUPT_STATUS), interrupt::CONFIG_CHANGE);
+    assert_eq!(
+        d.read(&vmm, reg::INTERRUPT_STATUS),
+        interrupt::CONFIG_CHANGE
+    );
     assert_eq!(slot.irq.count(), 1);
 }
