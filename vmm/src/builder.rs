@@ -11,11 +11,13 @@ use devices::legacy::i8042::I8042;
 use devices::legacy::platform::{BootTimer, ExitPort};
 use devices::legacy::serial::{SerialConsole, SerialError};
 use devices::legacy::{self, ExitHook, PlatformExit};
+use devices::virtio::block::BlockMetrics;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, BootError};
 use crate::arch::{cpuid, layout, regs};
 use crate::config::{self, ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::exit::{ExitState, VmExit};
 use crate::vmm_thread::{self, ControlSender, Manager, VmmThread};
 use crate::vstate::vcpu::{self, VcpuError};
@@ -34,6 +36,8 @@ pub enum BuildVmError {
     BootTables(#[source] regs::RegsError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
     #[error("cannot create the {0} device")]
     Device(&'static str, #[source] std::io::Error),
     #[error("cannot create the serial console")]
@@ -48,12 +52,18 @@ pub enum BuildVmError {
 pub struct VmmHandle {
     thread: JoinHandle<VmExit>,
     control: ControlSender,
+    block_metrics: Vec<Arc<BlockMetrics>>,
 }
 
 impl VmmHandle {
     /// A sender for [`crate::VmAction`]s (Ctrl-Alt-Del, stop).
     pub fn control(&self) -> ControlSender {
         self.control.clone()
+    }
+
+    /// Counters of each virtio-blk disk, in the order of [`VmConfig::disks`].
+    pub fn block_metrics(&self) -> &[Arc<BlockMetrics>] {
+        &self.block_metrics
     }
 
     /// Blocks until the VM has stopped and its threads are gone.
@@ -108,17 +118,6 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
         }
         None => None,
     };
-    boot::write_cmdline(mem, &config.cmdline)?;
-    boot::write_boot_info(
-        mem,
-        &kernel,
-        config.cmdline.len(),
-        initrd,
-        mem_size,
-        config.vcpus,
-    )?;
-    regs::write_boot_tables(mem, kernel.protocol).map_err(BuildVmError::BootTables)?;
-
     // Legacy devices.
     let exit = Arc::new(ExitState::new().map_err(|e| BuildVmError::Device("exit event", e))?);
     let exit_for_devices = exit.clone();
@@ -159,7 +158,25 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
         1,
     )
     .map_err(BuildVmError::Bus)?;
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
+    let mut manager = Manager::new()
+        .map_err(|e| BuildVmError::Device("event manager", std::io::Error::other(e.to_string())))?;
+
+    // virtio devices, announced on the kernel command line.
+    let mut device_manager = DeviceManager::default();
+    for disk in std::mem::take(&mut config.disks) {
+        device_manager.add_block(&vm, &mut mmio, &mut manager, disk)?;
+    }
+    let mut cmdline = config.cmdline.clone();
+    for entry in device_manager.cmdline_entries() {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(entry);
+    }
+    boot::write_cmdline(mem, &cmdline)?;
+    boot::write_boot_info(mem, &kernel, cmdline.len(), initrd, mem_size, config.vcpus)?;
+    regs::write_boot_tables(mem, kernel.protocol).map_err(BuildVmError::BootTables)?;
 
     // vCPUs.
     let hide = cpuid::host_is_kvm_pvm();
@@ -175,8 +192,6 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     }
 
     // The VMM thread's event sources.
-    let mut manager = Manager::new()
-        .map_err(|e| BuildVmError::Device("event manager", std::io::Error::other(e.to_string())))?;
     let control = vmm_thread::add_core_subscribers(
         &mut manager,
         &exit,
@@ -214,5 +229,9 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
             vmm.run()
         })
         .map_err(BuildVmError::VmmThread)?;
-    Ok(VmmHandle { thread, control })
+    Ok(VmmHandle {
+        thread,
+        control,
+        block_metrics: device_manager.block_metrics().to_vec(),
+    })
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::arch::mptable::MAX_CPUS;
+use crate::device_manager::DiskConfig;
 use crate::exit::VmExit;
 
 /// Called once, on the VMM thread, with how the VM ended.
@@ -27,6 +28,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub vcpus: u8,
     pub memory_mib: u64,
+    /// virtio-blk disks, in the order the guest sees them (`vda`, `vdb`…).
+    pub disks: Vec<DiskConfig>,
     /// Where the guest console (COM1) goes.
     pub console_out: Box<dyn Write + Send>,
     /// Host input for the guest console, if any (a terminal, pipe or socket).
@@ -48,6 +51,7 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             vcpus: 1,
             memory_mib: 128,
+            disks: Vec::new(),
             console_out: Box::new(std::io::stdout()),
             console_in: None,
             start_time: Instant::now(),

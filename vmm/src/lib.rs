@@ -15,11 +15,13 @@ pub mod arch;
 pub mod assets;
 pub mod builder;
 pub mod config;
+pub mod device_manager;
 pub mod exit;
 pub mod vmm_thread;
 pub mod vstate;
 
 pub use builder::{start_vm, BuildVmError, VmmHandle};
 pub use config::{VmConfig, DEFAULT_CMDLINE};
+pub use device_manager::DiskConfig;
 pub use exit::VmExit;
 pub use vmm_thread::{ControlError, ControlSender, VmAction};

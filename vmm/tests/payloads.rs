@@ -12,7 +12,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm::{start_vm, BuildVmError, VmAction, VmConfig, VmExit};
+use devices::disk::{check_range, DiskBackend, DiskError};
+use vmm::{start_vm, BuildVmError, DiskConfig, VmAction, VmConfig, VmExit};
 
 fn kvm_unavailable() -> Option<String> {
     match std::fs::OpenOptions::new()
@@ -323,4 +324,65 @@ fn bad_input_is_refused_with_what_and_where() {
     c.memory_mib = 32;
     assert!(start_err(c).contains("does not fit in guest memory"));
     let _ = BuildVmError::VmmThread(io::Error::other("unused"));
+}
+
+/// An in-memory disk for wiring tests.
+struct MemDisk(Vec<u8>);
+
+impl DiskBackend for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.0[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        Ok(())
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.write_zeroes(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        check_range(offset, len, self.size())?;
+        self.0[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+#[test]
+fn virtio_block_devices_are_on_the_mmio_bus_and_the_command_line() {
+    require_kvm!();
+    let console = Console::default();
+    let mut cfg = config(payload("virtio"), &console);
+    cfg.cmdline = "console=ttyS0".into();
+    for (sectors, serial) in [(8u64, "first"), (2048, "second")] {
+        cfg.disks.push(DiskConfig {
+            backend: Box::new(MemDisk(vec![0; sectors as usize * 512])),
+            serial: Some(serial.into()),
+        });
+    }
+    let o = boot(cfg, &console);
+    assert_eq!(o.exit, VmExit::Exited(0), "{}", o.console);
+    // "virt" magic, version 2, device id 2 (block), capacity in 512-byte sectors.
+    assert_eq!(
+        field(&o.console, "dev="),
+        [
+            "74726976 00000002 00000002 00000008",
+            "74726976 00000002 00000002 00000800"
+        ]
+    );
+    assert_eq!(
+        field(&o.console, "cmdline="),
+        ["console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"]
+    );
 }

@@ -32,7 +32,6 @@ pub const MMIO_GAP_START: u64 = 0xd000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// virtio-mmio windows are allocated from here, one page each.
 pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START;
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS on Intel hosts, just below the BIOS area.
