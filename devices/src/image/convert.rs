@@ -22,6 +22,8 @@ pub const ZERO_BLOCK: usize = 4096;
 pub const RUN_BYTES: usize = 2 << 20;
 /// L1 entries read at once.
 pub const L1_CHUNK_ENTRIES: usize = 4096;
+/// Progress is reported at least every this many bytes of virtual disk.
+pub const PROGRESS_STEP: u64 = 16 << 20;
 
 /// Why a conversion failed.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +226,7 @@ fn convert_qcow2(
     let mut decompressor: Option<Decompressor> = None;
 
     let mut l1_index = 0u64;
+    let mut last_report = 0u64;
     while l1_index < l1_needed {
         let n = (l1_needed - l1_index).min(L1_CHUNK_ENTRIES as u64) as usize;
         let chunk = l1_buf.get_mut(..n * 8).unwrap_or_default();
@@ -254,6 +257,10 @@ fn convert_qcow2(
             for (j, e) in l2_buf.chunks_exact(8).take(clusters as usize).enumerate() {
                 let e = u64::from_be_bytes(<[u8; 8]>::try_from(e).unwrap_or_default());
                 let guest = guest_start + j as u64 * cs;
+                if guest >= last_report + PROGRESS_STEP {
+                    last_report = guest;
+                    progress(guest, size);
+                }
                 // The last cluster may extend past the virtual size.
                 let len = cs.min(size - guest);
                 match header.cluster_mapping(e, file_len)? {
