@@ -183,6 +183,10 @@ impl Block {
             interrupt,
         } = active;
         let io = &mut self.io;
+        // A guest can publish an available index that no chain can be popped for (an index
+        // more than a queue ahead); `enable_notification` would then report "more work"
+        // forever. Stop on an iterator error, or after a second pass that made no progress.
+        let mut idle_passes = 0u32;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 io.log.warn(format_args!(
@@ -191,12 +195,14 @@ impl Block {
                 return;
             }
             let mut completed = 0u32;
+            let mut broken = false;
             loop {
                 let chain = match queue.iter(&*mem) {
                     Ok(mut iter) => iter.next(),
                     Err(e) => {
                         io.log
                             .warn(format_args!("virtio-blk: broken available ring: {e}"));
+                        broken = true;
                         None
                     }
                 };
@@ -211,6 +217,7 @@ impl Block {
                 completed = completed.saturating_add(1);
             }
             if completed > 0 {
+                idle_passes = 0;
                 match queue.needs_notification(&*mem) {
                     Ok(true) => {
                         if let Err(e) = interrupt.signal_used_queue() {
@@ -224,6 +231,13 @@ impl Block {
                             .warn(format_args!("virtio-blk: used_event unreadable: {e}"));
                     }
                 }
+            } else {
+                idle_passes = idle_passes.saturating_add(1);
+            }
+            if broken || idle_passes > 1 {
+                // Re-enable notifications so a fixed ring is served on the next kick.
+                let _ = queue.enable_notification(&*mem);
+                return;
             }
             match queue.enable_notification(&*mem) {
                 Ok(true) => continue,

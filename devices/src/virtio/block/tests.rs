@@ -658,3 +658,23 @@ fn needs_reset_raises_config_interrupt() {
     );
     assert_eq!(slot.irq.count(), 1);
 }
+
+#[test]
+fn bogus_available_index_does_not_spin_the_vmm_thread() {
+    let (mut vmm, slot, _disk) = setup(false);
+    let mem = vmm.mem.clone();
+    let mut d = Driver::new(&mem, BASE, QUEUE, 16);
+    d.probe(&mut vmm, ALL);
+    // The available index jumps more than a queue ahead.
+    let idx_addr = GuestAddress(d.vq.avail_addr().0 + 2);
+    mem.write_obj(200u16, idx_addr).unwrap();
+    d.notify(&vmm);
+    vmm.run();
+    assert!(d.take_used().is_empty());
+    // The driver puts a sane index back: the device serves it.
+    mem.write_obj(0u16, idx_addr).unwrap();
+    header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    submit(&mut vmm, &mut d, &[desc(HDR, 16, RO), desc(STATUS, 1, WO)]);
+    assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(slot.block.lock().unwrap().metrics().snapshot().flushes, 1);
+}
