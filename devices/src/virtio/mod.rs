@@ -54,6 +54,7 @@
 pub mod block;
 pub mod device;
 pub mod mmio;
+pub mod net;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -94,6 +95,7 @@ pub mod features {
 
 /// Virtio device ids (virtio 1.x, 5).
 pub mod device_id {
+    pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
 }
 
