@@ -8,6 +8,7 @@ PACKAGES=(
   build-essential bc bison flex libelf-dev libssl-dev cpio linux-source-6.1
   # tests: payload assembly uses cc/ld/objcopy (binutils); image cross-checks use qemu-img
   binutils qemu-utils python3
+  containerd runc containernetworking-plugins busybox-static e2fsprogs dosfstools  # containerd tests, tests/images
 )
 
 missing=()
