@@ -55,6 +55,7 @@ pub mod block;
 pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -97,6 +98,7 @@ pub mod features {
 pub mod device_id {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
+    pub const VSOCK: u32 = 19;
 }
 
 /// A log sink that lets a burst of messages through per time window and counts the rest, so
