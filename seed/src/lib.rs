@@ -35,7 +35,7 @@
 //!
 //! # `user-data` without [`Seed::extra_user_data`]
 //!
-//! Exactly this text (`⏎` marks a line feed; every line ends with one):
+//! Exactly this text (every line ends with a line feed):
 //!
 //! ```text
 //! #cloud-config
