@@ -472,6 +472,10 @@ mod tests {
                 ChainError::OutOfMemory { index: 0 },
             ),
             (
+                vec![desc(A, u32::MAX, WO), desc(B, 2, WO)],
+                ChainError::UnterminatedChain,
+            ),
+            (
                 (0..5).map(|i| desc(A + 100 * i, 20, WO)).collect(),
                 ChainError::TooManyDescriptors { max: 4 },
             ),

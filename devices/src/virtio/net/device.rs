@@ -400,6 +400,10 @@ impl Net {
             return;
         };
         let mut budget = TX_BUDGET;
+        // A guest can publish an available index no chain can be popped for (more than a
+        // queue ahead): `enable_notification` would then report "more work" forever. Stop
+        // on a broken ring, or after a second pass that made no progress.
+        let mut idle_passes = 0u32;
         loop {
             if let Err(e) = a.tx_queue.disable_notification(&a.mem) {
                 log.warn(format_args!(
@@ -409,18 +413,16 @@ impl Net {
                 return;
             }
             let mut completed = 0u32;
+            let mut broken = false;
             while budget > 0 {
-                let chain = match a.tx_queue.iter(&a.mem) {
-                    Ok(mut iter) => iter.next(),
-                    Err(e) => {
-                        log.warn(format_args!(
-                            "virtio-net: broken TX ring: {}",
-                            Causes(&NetError::Queue(e))
-                        ));
-                        None
+                let chain = match pop(&mut a.tx_queue, &a.mem, log) {
+                    Pop::Chain(chain) => chain,
+                    Pop::Empty => break,
+                    Pop::Broken => {
+                        broken = true;
+                        break;
                     }
                 };
-                let Some(chain) = chain else { break };
                 budget = budget.saturating_sub(1);
                 let head = chain.head_index();
                 transmit(backend.as_mut(), &a.mem, chain, tx_buf, metrics, log);
@@ -433,7 +435,10 @@ impl Net {
                 completed = completed.saturating_add(1);
             }
             if completed > 0 {
+                idle_passes = 0;
                 signal_if_needed(&mut a.tx_queue, &a.mem, &a.interrupt, log);
+            } else {
+                idle_passes = idle_passes.saturating_add(1);
             }
             if budget == 0 {
                 // Come back after the other ready events; notifications stay off meanwhile.
@@ -443,17 +448,46 @@ impl Net {
                 }
                 return;
             }
-            match a.tx_queue.enable_notification(&a.mem) {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => {
-                    log.warn(format_args!(
-                        "virtio-net: cannot enable TX notifications: {}",
-                        Causes(&NetError::Queue(e))
-                    ));
-                    return;
-                }
+            let more = enable_notification(&mut a.tx_queue, &a.mem, log);
+            if !more || broken || idle_passes > 1 {
+                return;
             }
+        }
+    }
+}
+
+/// What taking the next chain from a queue gave.
+enum Pop<'m> {
+    Chain(virtio_queue::DescriptorChain<&'m GuestMemoryMmap>),
+    /// Nothing available.
+    Empty,
+    /// The available ring is unusable (an index more than a queue ahead, unreadable).
+    Broken,
+}
+
+fn pop<'m>(queue: &mut Queue, mem: &'m GuestMemoryMmap, log: &mut RateLimitedLog) -> Pop<'m> {
+    match queue.iter(mem) {
+        Ok(mut iter) => iter.next().map_or(Pop::Empty, Pop::Chain),
+        Err(e) => {
+            log.warn(format_args!(
+                "virtio-net: broken available ring: {}",
+                Causes(&NetError::Queue(e))
+            ));
+            Pop::Broken
+        }
+    }
+}
+
+/// Asks the driver to notify the queue again; returns whether chains are already waiting.
+fn enable_notification(queue: &mut Queue, mem: &GuestMemoryMmap, log: &mut RateLimitedLog) -> bool {
+    match queue.enable_notification(mem) {
+        Ok(more) => more,
+        Err(e) => {
+            log.warn(format_args!(
+                "virtio-net: cannot enable notifications: {}",
+                Causes(&NetError::Queue(e))
+            ));
+            false
         }
     }
 }
@@ -544,6 +578,7 @@ impl Rx {
         log: &mut RateLimitedLog,
         used: &mut bool,
     ) -> Placement {
+        let mut retried = false;
         loop {
             let plan = chain::plan_rx(
                 self.held.iter().map(|b| b.capacity),
@@ -563,31 +598,30 @@ impl Rx {
                 RxPlan::NeedMore => {}
             }
             // Take the next chain from the ring.
-            let chain = match a.rx_queue.iter(&a.mem) {
-                Ok(mut iter) => iter.next(),
-                Err(e) => {
-                    log.warn(format_args!(
-                        "virtio-net: broken RX ring: {}",
-                        Causes(&NetError::Queue(e))
-                    ));
-                    None
-                }
-            };
-            if let Some(chain) = chain {
-                let head = chain.head_index();
-                match chain::parse_rx(chain, MAX_DESCRIPTORS) {
-                    Ok(buffer) => self.held.push_back(buffer),
-                    Err(e) => {
-                        metrics.add(Counter::RxMalformedChains, 1);
-                        log.warn(format_args!(
-                            "virtio-net: RX chain {head} refused: {}",
-                            Causes(&NetError::Chain(e))
-                        ));
-                        add_used(a, head, 0, log);
-                        *used = true;
+            match pop(&mut a.rx_queue, &a.mem, log) {
+                Pop::Chain(chain) => {
+                    retried = false;
+                    let head = chain.head_index();
+                    match chain::parse_rx(chain, MAX_DESCRIPTORS) {
+                        Ok(buffer) => self.held.push_back(buffer),
+                        Err(e) => {
+                            metrics.add(Counter::RxMalformedChains, 1);
+                            log.warn(format_args!(
+                                "virtio-net: RX chain {head} refused: {}",
+                                Causes(&NetError::Chain(e))
+                            ));
+                            add_used(a, head, 0, log);
+                            *used = true;
+                        }
                     }
+                    continue;
                 }
-                continue;
+                Pop::Broken => {
+                    // Wait for the driver's next kick (it may repair the ring).
+                    enable_notification(&mut a.rx_queue, &a.mem, log);
+                    return Placement::Stalled;
+                }
+                Pop::Empty => {}
             }
             // The ring is empty. With every descriptor of the ring held, no more can come.
             let held_descriptors: usize = self.held.iter().map(|b| b.segments.len()).sum();
@@ -595,18 +629,12 @@ impl Rx {
                 self.drop_too_large(len, metrics, log);
                 return Placement::Dropped;
             }
-            // Ask for a notification when buffers come; one may have raced in meanwhile.
-            match a.rx_queue.enable_notification(&a.mem) {
-                Ok(true) => continue,
-                Ok(false) => return Placement::Stalled,
-                Err(e) => {
-                    log.warn(format_args!(
-                        "virtio-net: cannot enable RX notifications: {}",
-                        Causes(&NetError::Queue(e))
-                    ));
-                    return Placement::Stalled;
-                }
+            // Ask for a notification when buffers come; one may have raced in meanwhile
+            // (look once: an index that claims chains it cannot give would loop forever).
+            if !enable_notification(&mut a.rx_queue, &a.mem, log) || retried {
+                return Placement::Stalled;
             }
+            retried = true;
         }
     }
 

@@ -788,3 +788,36 @@ fn ns_rx_packets(ns: &TestNetns, dev: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+#[test]
+fn bogus_available_index_does_not_spin_the_vmm_thread() {
+    let (mut vmm, slot, backend) = setup(Some(MAC));
+    let mem = vmm.mem.clone();
+    let mut d = NetDriver::new(&mem, 0);
+    d.probe(&mut vmm, ALL);
+    // TX: the available index jumps more than a queue ahead.
+    let tx_idx = GuestAddress(d.tx.vq.avail_addr().0 + 2);
+    mem.write_obj(200u16, tx_idx).unwrap();
+    d.notify_tx(&vmm);
+    vmm.run();
+    assert!(d.tx.take_used().is_empty());
+    // RX: the same, with a frame waiting.
+    let rx_idx = GuestAddress(d.rx.vq.avail_addr().0 + 2);
+    mem.write_obj(200u16, rx_idx).unwrap();
+    d.notify_rx(&vmm);
+    backend.push([0; VNET_HDR_LEN], &frame(100, 0));
+    vmm.run();
+    assert!(slot.net.lock().unwrap().rx_stalled());
+
+    // The driver puts sane indices back: both queues are served.
+    mem.write_obj(0u16, tx_idx).unwrap();
+    mem.write_obj(0u16, rx_idx).unwrap();
+    d.queue_tx([0; VNET_HDR_LEN], &frame(60, 1));
+    d.notify_tx(&vmm);
+    let bufs = d.post_rx(1, 2048);
+    d.notify_rx(&vmm);
+    vmm.run();
+    assert_eq!(d.tx.take_used().len(), 1);
+    assert_eq!(backend.state().from_guest.len(), 1);
+    assert_eq!(d.rx.take_used(), vec![(u32::from(bufs[0].0), 112)]);
+}
