@@ -164,28 +164,37 @@ fn system_report() -> Result<String, Error> {
     Ok(format!("kestrel-agent: cpus={cpus} memory_kib={memory_kib}\n"))
 }
 
-/// Where the agent's lines go: `/dev/console` when it can be opened, else stdout (which
-/// the kernel also connects to /dev/console when the initramfs has that node).
-enum Console {
-    Device(File),
-    Stdout,
+/// Where the agent's lines go: stdout, which the kernel connects to `/dev/console` (the
+/// initramfs carries that node). If writing there fails (EIO from a console tty whose UART
+/// did not start, EBADF when the kernel had no console to give), the agent opens
+/// `/dev/console` itself, reports the failure there and keeps using it.
+#[derive(Default)]
+struct Console {
+    fallback: Option<File>,
 }
 
 impl Console {
-    fn open() -> Self {
-        OpenOptions::new()
+    /// Writes one whole line (ending in `\n`); there is nowhere left to report a failure to.
+    fn line(&mut self, text: &str) {
+        if let Some(console) = &mut self.fallback {
+            let _ = console.write_all(text.as_bytes());
+            return;
+        }
+        let mut stdout = io::stdout().lock();
+        let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) else {
+            return;
+        };
+        drop(stdout);
+        let opened = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NOCTTY)
-            .open("/dev/console")
-            .map_or(Self::Stdout, Self::Device)
-    }
-
-    /// Writes one whole line; there is nowhere to report a failure to.
-    fn line(&mut self, text: &str) {
-        let _ = match self {
-            Self::Device(f) => f.write_all(text.as_bytes()),
-            Self::Stdout => io::stdout().lock().write_all(text.as_bytes()),
-        };
+            .open("/dev/console");
+        if let Ok(mut console) = opened {
+            let report = format!("kestrel-agent: error: write stdout: {e}\n");
+            let _ = console.write_all(report.as_bytes());
+            let _ = console.write_all(text.as_bytes());
+            self.fallback = Some(console);
+        }
     }
 
     fn error(&mut self, error: &Error) {
@@ -231,12 +240,11 @@ fn end_vm(console: &mut Console, ports: Option<&Ports>, status: u8) -> ! {
 }
 
 fn main() {
-    let mut console = Console::Stdout;
+    let mut console = Console::default();
     if let Err(e) = mount_pseudo_filesystems() {
         console.error(&e);
         end_vm(&mut console, None, 1);
     }
-    console = Console::open();
     let ports = match Ports::open() {
         Ok(ports) => ports,
         Err(e) => {
