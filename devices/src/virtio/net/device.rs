@@ -335,12 +335,13 @@ impl Net {
             rx,
             metrics,
             log,
+            backend_failed,
             ..
         } = self;
         let Some(a) = active.as_mut() else {
             return;
         };
-        if rx.stalled {
+        if rx.stalled || *backend_failed {
             return;
         }
         let mut used = false;
@@ -348,6 +349,12 @@ impl Net {
             let len = match rx.pending {
                 Some(len) => len,
                 None => match backend.read_frame(&mut rx.buf) {
+                    Ok(0) => {
+                        // End of file: a backend that is gone (a tap never does this).
+                        log::error!("virtio-net: the backend closed; no longer reading it");
+                        *backend_failed = true;
+                        break;
+                    }
                     Ok(n) if n < VNET_HDR_LEN + ETH_HLEN => {
                         metrics.add(Counter::RxDropped, 1);
                         log.warn(format_args!(

@@ -9,6 +9,10 @@
 //! - [`tap`]: the Linux tap backend (the only `unsafe` of this crate).
 //! - [`metrics`]: counters readable without the device lock.
 //!
+//! Threads: the transport calls the device on **vCPU threads** (config space, activation,
+//! reset); the subscriber runs RX, TX and the tap on the **VMM thread**; the tap is opened on
+//! whichever thread builds the device, in the pod's network namespace.
+//!
 //! Two queues of [`QUEUE_SIZE`] entries: receive ([`RX_INDEX`]) and transmit ([`TX_INDEX`]).
 //! Frames cross the device as `virtio_net_hdr_v1` (12 bytes) + Ethernet frame, both on the
 //! queues and on the tap (`IFF_VNET_HDR`), so checksum and segmentation offloads pass through.

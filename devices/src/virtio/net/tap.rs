@@ -451,7 +451,6 @@ mod tests {
         ns.ip(&["link", "set", &name, "up"]);
         ns.ip(&["addr", "add", "10.77.0.1/24", "dev", &name]);
 
-        // Nothing to read yet (or only the kernel's own IPv6 chatter): nonblocking.
         let mut buf = vec![0u8; 65_600];
         // The guest side asks for 10.77.0.1; the namespace's kernel answers on the tap.
         let mut frame = vec![0u8; VNET_HDR_LEN];
@@ -477,7 +476,7 @@ mod tests {
         assert_eq!(&reply[..6], &[0x02, 0, 0, 0, 0, 0x02]);
         assert_eq!(&reply[28..32], &[10, 77, 0, 1]);
 
-        // A second process-side handle: the fd adopted through from_fd keeps working.
+        // A duplicate of the fd, adopted as the shim would pass one in.
         let fd = OwnedFd::from(tap.file.try_clone().unwrap());
         let adopted = Tap::from_fd(fd).unwrap();
         assert_eq!(adopted.name(), name);

@@ -821,3 +821,43 @@ fn bogus_available_index_does_not_spin_the_vmm_thread() {
     assert_eq!(backend.state().from_guest.len(), 1);
     assert_eq!(d.rx.take_used(), vec![(u32::from(bufs[0].0), 112)]);
 }
+
+/// A backend that reports end of file: the device stops watching it instead of spinning.
+#[test]
+fn backend_eof_stops_reading() {
+    struct Eof(EventFd);
+    impl AsRawFd for Eof {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+    impl NetBackend for Eof {
+        fn read_frame(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+            Ok(frame.len())
+        }
+        fn set_offload(&mut self, _: u32) -> io::Result<()> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+    }
+    let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+    // Always readable, like a socket at EOF.
+    evt.write(1).unwrap();
+    let mut vmm = TestVmm::new();
+    let slot = add_net(&mut vmm, Net::new(Box::new(Eof(evt)), Some(MAC)).unwrap());
+    let mem = vmm.mem.clone();
+    let mut d = NetDriver::new(&mem, 0);
+    d.probe(&mut vmm, ALL);
+    assert!(slot.net.lock().unwrap().backend_failed);
+    assert!(!slot.net.lock().unwrap().backend_registered);
+    assert_eq!(vmm.em.run_with_timeout(0).unwrap(), 0);
+    // TX still works; the failed offload call was counted.
+    d.queue_tx([0; VNET_HDR_LEN], &frame(60, 0));
+    d.notify_tx(&vmm);
+    vmm.run();
+    assert_eq!(d.tx.take_used().len(), 1);
+    let m = slot.net.lock().unwrap().metrics().snapshot();
+    assert_eq!((m.tx_packets, m.offload_errors), (1, 1));
+}
