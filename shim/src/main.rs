@@ -1,0 +1,26 @@
+//! `containerd-shim-kestrel-v2`: containerd's runtime `io.containerd.kestrel.v2`.
+//!
+//! One binary, two roles: the containerd shim v2 (ttrpc task API, events) and the VMM
+//! (through the `vmm` crate, on its own threads inside this process). Today a task is a
+//! VM image shipped as an OCI image (`/disk/*.qcow2`, KubeVirt's containerDisk layout).
+
+mod console;
+mod error;
+mod service;
+mod spec;
+mod task;
+mod vm_image;
+
+#[tokio::main]
+async fn main() {
+    let config = containerd_shim::Config {
+        // The VM runs in this process: there are no child processes to reap.
+        no_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::asynchronous::run::<service::Service>(
+        "io.containerd.kestrel.v2",
+        Some(config),
+    )
+    .await;
+}

@@ -1,0 +1,69 @@
+//! The shim binary's lifecycle (containerd's shim v2 protocol): `start` spawns the server
+//! process and prints its address, the server serves the task API until `Shutdown`, and
+//! `delete` cleans up after a task whose shim may be gone.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::util::timestamp;
+use containerd_shim::{Config, DeleteResponse, Flags, StartOpts};
+
+use crate::task::{cleanup_after_shim, TaskService};
+use crate::vm_image::StateDirs;
+
+pub struct Service {
+    namespace: String,
+    id: String,
+    bundle: PathBuf,
+    exit: Arc<ExitSignal>,
+}
+
+#[async_trait]
+impl Shim for Service {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Service {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle: if args.bundle.is_empty() {
+                std::env::current_dir().unwrap_or_default()
+            } else {
+                PathBuf::from(&args.bundle)
+            },
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // One shim process (and so one VM) per task; later tasks of a pod will join it.
+        let address = spawn(opts, &self.id, Vec::new()).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        cleanup_after_shim(
+            &StateDirs::from_env(),
+            &self.namespace,
+            &self.id,
+            &self.bundle,
+        );
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: Some(timestamp()?).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        TaskService::new(publisher, self.namespace.clone(), self.exit.clone())
+    }
+}

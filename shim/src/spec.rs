@@ -1,0 +1,174 @@
+//! What the shim takes from the OCI runtime spec of a VM-image task: the VM's size, the
+//! environment for the guest, the hostname, and kestrel's annotations.
+
+use oci_spec::runtime::Spec;
+
+/// Annotation: guest memory in MiB (overrides the spec's memory limit).
+pub const ANN_MEMORY: &str = "io.kestrel.vm.memory_mib";
+/// Annotation: number of vCPUs (overrides the spec's CPU quota).
+pub const ANN_CPUS: &str = "io.kestrel.vm.cpus";
+/// Annotation: the guest's root device (default: detected from the disk).
+pub const ANN_ROOT: &str = "io.kestrel.vm.root";
+/// Annotation: extra kernel command-line arguments.
+pub const ANN_CMDLINE: &str = "io.kestrel.vm.cmdline";
+/// Annotation: seconds between a SIGTERM's Ctrl-Alt-Del and stopping the VM.
+pub const ANN_GRACE: &str = "io.kestrel.vm.shutdown_grace_seconds";
+
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+pub const DEFAULT_CPUS: u8 = 1;
+pub const DEFAULT_GRACE_SECS: u64 = 30;
+/// The smallest VM kestrel builds from a memory limit: below this a Linux guest does not boot.
+pub const MIN_MEMORY_MIB: u64 = 64;
+
+/// The VM a task asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub env: Vec<(String, String)>,
+    pub hostname: String,
+    pub root: Option<String>,
+    pub extra_cmdline: Option<String>,
+    pub grace_secs: u64,
+}
+
+/// Errors in the spec.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("annotation {key}={value:?} is not a valid number")]
+    BadAnnotation { key: &'static str, value: String },
+    #[error("environment entry {0:?} has no '='")]
+    BadEnv(String),
+}
+
+fn annotation_number(spec: &Spec, key: &'static str) -> Result<Option<u64>, SpecError> {
+    let Some(value) = spec.annotations().as_ref().and_then(|a| a.get(key)) else {
+        return Ok(None);
+    };
+    value
+        .trim()
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| SpecError::BadAnnotation {
+            key,
+            value: value.clone(),
+        })
+}
+
+/// Reads the VM's shape from `spec`; `id` is the fallback hostname.
+pub fn vm_spec(spec: &Spec, id: &str) -> Result<VmSpec, SpecError> {
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let quota_cpus = resources.and_then(|r| r.cpu().as_ref()).and_then(|c| {
+        let quota = u64::try_from(c.quota()?).ok().filter(|q| *q > 0)?;
+        let period = c.period().filter(|p| *p > 0)?;
+        Some(quota.div_ceil(period))
+    });
+    let limit_mib = resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .and_then(|l| u64::try_from(l).ok())
+        .filter(|l| *l > 0)
+        .map(|l| (l >> 20).max(MIN_MEMORY_MIB));
+
+    let cpus = annotation_number(spec, ANN_CPUS)?
+        .or(quota_cpus)
+        .map_or(DEFAULT_CPUS, |n| u8::try_from(n).unwrap_or(u8::MAX));
+    let memory_mib = annotation_number(spec, ANN_MEMORY)?
+        .or(limit_mib)
+        .unwrap_or(DEFAULT_MEMORY_MIB);
+
+    let mut env = Vec::new();
+    for entry in spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.env().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let (k, v) = entry
+            .split_once('=')
+            .ok_or_else(|| SpecError::BadEnv(entry.clone()))?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    let annotation = |k: &str| spec.annotations().as_ref().and_then(|a| a.get(k)).cloned();
+    Ok(VmSpec {
+        cpus,
+        memory_mib,
+        env,
+        hostname: spec
+            .hostname()
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| id.to_string()),
+        root: annotation(ANN_ROOT),
+        extra_cmdline: annotation(ANN_CMDLINE),
+        grace_secs: annotation_number(spec, ANN_GRACE)?.unwrap_or(DEFAULT_GRACE_SECS),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_without_limits() {
+        let s = vm_spec(
+            &spec(r#"{"ociVersion":"1.0.2","process":{"cwd":"/","user":{"uid":0,"gid":0},"env":["PATH=/bin","A=b=c"]}}"#),
+            "vm1",
+        )
+        .unwrap();
+        assert_eq!((s.cpus, s.memory_mib), (DEFAULT_CPUS, DEFAULT_MEMORY_MIB));
+        assert_eq!(
+            s.env,
+            vec![("PATH".into(), "/bin".into()), ("A".into(), "b=c".into())]
+        );
+        assert_eq!(s.hostname, "vm1");
+        assert_eq!(s.grace_secs, DEFAULT_GRACE_SECS);
+    }
+
+    #[test]
+    fn sizes_from_limits_and_annotations() {
+        let s = vm_spec(
+            &spec(r#"{"ociVersion":"1.0.2","hostname":"web","linux":{"resources":{"cpu":{"quota":150000,"period":100000},"memory":{"limit":536870912}}}}"#),
+            "x",
+        )
+        .unwrap();
+        assert_eq!((s.cpus, s.memory_mib, s.hostname.as_str()), (2, 512, "web"));
+        let s = vm_spec(
+            &spec(r#"{"ociVersion":"1.0.2","annotations":{"io.kestrel.vm.cpus":"4","io.kestrel.vm.memory_mib":"1024","io.kestrel.vm.root":"/dev/vda2"},"linux":{"resources":{"memory":{"limit":1048576}}}}"#),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            (s.cpus, s.memory_mib, s.root.as_deref()),
+            (4, 1024, Some("/dev/vda2"))
+        );
+        // A tiny memory limit still gives a bootable VM.
+        let s = vm_spec(
+            &spec(r#"{"ociVersion":"1.0.2","linux":{"resources":{"memory":{"limit":1048576}}}}"#),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(s.memory_mib, MIN_MEMORY_MIB);
+    }
+
+    #[test]
+    fn bad_annotation_is_named() {
+        let err = vm_spec(
+            &spec(r#"{"ociVersion":"1.0.2","annotations":{"io.kestrel.vm.cpus":"many"}}"#),
+            "x",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            SpecError::BadAnnotation {
+                key: ANN_CPUS,
+                value: "many".into()
+            }
+        );
+    }
+}
