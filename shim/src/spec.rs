@@ -95,15 +95,43 @@ pub fn vm_spec(spec: &Spec, id: &str) -> Result<VmSpec, SpecError> {
         cpus,
         memory_mib,
         env,
-        hostname: spec
-            .hostname()
-            .clone()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| id.to_string()),
+        hostname: host_name(
+            spec.hostname()
+                .as_deref()
+                .filter(|h| !h.is_empty())
+                .unwrap_or(id),
+        ),
         root: annotation(ANN_ROOT),
         extra_cmdline: annotation(ANN_CMDLINE),
         grace_secs: annotation_number(spec, ANN_GRACE)?.unwrap_or(DEFAULT_GRACE_SECS),
     })
+}
+
+/// A valid RFC 1123 host name from `name` (a container id may hold `_` or be longer than
+/// a label may be): invalid characters become `-`, labels are cut to 63 characters.
+pub fn host_name(name: &str) -> String {
+    let labels: Vec<String> = name
+        .split('.')
+        .map(|l| {
+            let l: String = l
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .take(63)
+                .collect();
+            l.trim_matches('-').to_string()
+        })
+        .filter(|l| !l.is_empty())
+        .collect();
+    let h = labels.join(".");
+    if h.is_empty() {
+        "kestrel".to_string()
+    } else {
+        h.chars()
+            .take(253)
+            .collect::<String>()
+            .trim_end_matches(['-', '.'])
+            .to_string()
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +182,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.memory_mib, MIN_MEMORY_MIB);
+    }
+
+    #[test]
+    fn host_names_are_made_valid() {
+        assert_eq!(host_name("vm1"), "vm1");
+        assert_eq!(host_name("my_vm.example"), "my-vm.example");
+        assert_eq!(host_name("_-_"), "kestrel");
+        assert_eq!(host_name(&"a".repeat(100)).len(), 63);
     }
 
     #[test]

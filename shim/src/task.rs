@@ -34,6 +34,7 @@ use crate::console::{self, ConsoleWriter};
 use crate::error::ShimError;
 use crate::spec::{self, VmSpec};
 use crate::vm_image::{self, StateDirs};
+use devices::disk::raw::RawFile;
 
 /// How a task ended.
 #[derive(Debug, Clone)]
@@ -211,6 +212,29 @@ impl TaskService {
         let console_in =
             console::open_stdin(&req.stdin).map_err(io_err(format!("open stdin {}", req.stdin)))?;
 
+        // The cloud-init NoCloud seed: the environment reaches /etc/cloud/environment.
+        let seed_path = bundle.join("cidata.img");
+        let seed = kestrel_seed::Seed {
+            instance_id: id.clone(),
+            hostname: vm.hostname.clone(),
+            env: vm.env.clone(),
+            extra_user_data: None,
+        };
+        kestrel_seed::write_seed_image(&seed, &seed_path).map_err(|e| match e {
+            kestrel_seed::SeedError::Io { .. } => ShimError::Io {
+                what: format!("write the cloud-init seed {}", seed_path.display()),
+                source: std::io::Error::other(crate::error::chain(&e)),
+            },
+            other => ShimError::InvalidArgument(format!(
+                "cannot pass the environment to the VM: {}",
+                crate::error::chain(&other)
+            )),
+        })?;
+        let seed_disk = RawFile::open(&seed_path, true).map_err(|e| ShimError::Io {
+            what: format!("open the cloud-init seed {}", seed_path.display()),
+            source: std::io::Error::other(crate::error::chain(&e)),
+        })?;
+
         let mut config = VmConfig::new(kernel);
         config.initrd = None;
         config.cmdline = kernel_cmdline(&vm, &prepared.root_device);
@@ -219,6 +243,10 @@ impl TaskService {
         config.disks.push(DiskConfig {
             backend: Box::new(prepared.overlay),
             serial: Some("kestrel-root".into()),
+        });
+        config.disks.push(DiskConfig {
+            backend: Box::new(seed_disk),
+            serial: Some("cidata".into()),
         });
         config.console_out = Box::new(sink);
         config.console_in = console_in;
