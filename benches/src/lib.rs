@@ -250,8 +250,10 @@ pub struct RunResult {
     pub output: Vec<u8>,
     /// Everything it wrote on stderr.
     pub stderr: String,
-    /// The deadline passed and the bench killed the process.
+    /// The bench killed the process: the deadline passed or a `give_up` string appeared.
     pub timed_out: bool,
+    /// The `give_up` string that made the bench kill the process, if one did.
+    pub gave_up_on: Option<String>,
 }
 
 impl RunResult {
@@ -325,16 +327,24 @@ fn reap(pid: libc::pid_t) -> Result<(Ended, u64)> {
     }
 }
 
+/// How often the stderr file is checked for a [`timed_run`] `give_up` string while the
+/// console is quiet.
+const STDERR_CHECK: Duration = Duration::from_secs(1);
+
 /// Runs `program args…` with stdin from /dev/null, stdout piped (read here, timed) and
-/// stderr to `stderr_path`; kills it if it is still running after `timeout`.
+/// stderr to `stderr_path`; kills it if it is still running after `timeout`, or once its
+/// stderr contains one of `give_up` (a VMM that stopped its guest but will not exit,
+/// as qemu does after a KVM internal error). Such a run is reported as `timed_out`.
 ///
 /// The measurement path does nothing but `poll` + `read` on the pipe, then `poll` on a
-/// pidfd and `wait4`; markers are searched for only in the bytes just read.
+/// pidfd and `wait4`; markers are searched for only in the bytes just read. The stderr
+/// file is only looked at when the console has been quiet for a second.
 pub fn timed_run(
     program: &Path,
     args: &[OsString],
     markers: &[&str],
     timeout: Duration,
+    give_up: &[&str],
     stderr_path: &Path,
 ) -> Result<RunResult> {
     let stderr_file = File::create(stderr_path)
@@ -362,11 +372,26 @@ pub fn timed_run(
     let mut last_byte = None;
     let mut found: Vec<Option<Duration>> = vec![None; markers.len()];
     let mut timed_out = false;
+    let mut gave_up_on = None;
     let mut buf = [0u8; 16 * 1024];
     loop {
-        if !wait_readable(stdout.as_raw_fd(), deadline)? {
-            timed_out = true;
-            break;
+        let slice_end = if give_up.is_empty() {
+            deadline
+        } else {
+            deadline.min(Instant::now() + STDERR_CHECK)
+        };
+        if !wait_readable(stdout.as_raw_fd(), slice_end)? {
+            if Instant::now() >= deadline {
+                timed_out = true;
+                break;
+            }
+            let text = std::fs::read_to_string(stderr_path).unwrap_or_default();
+            if let Some(g) = give_up.iter().find(|g| text.contains(*g)) {
+                gave_up_on = Some(g.to_string());
+                timed_out = true;
+                break;
+            }
+            continue;
         }
         let n = match stdout.read(&mut buf) {
             Ok(0) => break,
@@ -412,6 +437,7 @@ pub fn timed_run(
         output,
         stderr,
         timed_out,
+        gave_up_on,
     })
 }
 
@@ -544,6 +570,7 @@ mod tests {
             &["-c".into(), "printf 'one\\ntwo\\n'; exit 7".into()],
             &["two", "never"],
             Duration::from_secs(30),
+            &[],
             &dir.join(format!("kestrel-bench-test-{}.stderr", std::process::id())),
         )
         .unwrap();
@@ -555,6 +582,27 @@ mod tests {
     }
 
     #[test]
+    fn timed_run_gives_up_on_stderr() {
+        let dir = std::env::temp_dir();
+        let t = Instant::now();
+        let r = timed_run(
+            Path::new("/bin/sh"),
+            &[
+                "-c".into(),
+                "echo 'KVM internal error' >&2; exec sleep 30".into(),
+            ],
+            &[],
+            Duration::from_secs(30),
+            &["KVM internal error"],
+            &dir.join(format!("kestrel-bench-test3-{}.stderr", std::process::id())),
+        )
+        .unwrap();
+        assert!(r.timed_out && t.elapsed() < Duration::from_secs(10));
+        assert_eq!(r.gave_up_on.as_deref(), Some("KVM internal error"));
+        assert_eq!(r.ended, Ended::Signaled(libc::SIGKILL));
+    }
+
+    #[test]
     fn timed_run_kills_at_the_deadline() {
         let dir = std::env::temp_dir();
         let r = timed_run(
@@ -562,6 +610,7 @@ mod tests {
             &["30".into()],
             &[],
             Duration::from_millis(200),
+            &[],
             &dir.join(format!("kestrel-bench-test2-{}.stderr", std::process::id())),
         )
         .unwrap();
