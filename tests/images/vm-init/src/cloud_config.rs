@@ -253,6 +253,19 @@ mod tests {
         assert_eq!(file_content(doc, "/nope").unwrap(), None);
     }
 
+    /// The exact layout of kestrel's seed (`seed/src/lib.rs`: `content: |+`, every line
+    /// indented by six spaces, values verbatim, multi-line values continue).
+    #[test]
+    fn kestrel_seed_layout() {
+        let doc = "#cloud-config\n# kestrel: the container environment, one NAME=VALUE line each\nwrite_files:\n  - path: /etc/cloud/environment\n    content: |+\n      FOO=bar\n      Q=a b: #c 'd' \"e\"\n      ML=one\n      - two\n      \n      # three\n      EMPTY=\n    permissions: '0644'\n";
+        assert_eq!(
+            file_content(doc, ENV).unwrap().as_deref(),
+            Some("FOO=bar\nQ=a b: #c 'd' \"e\"\nML=one\n- two\n\n# three\nEMPTY=\n")
+        );
+        let doc = "#cloud-config\nwrite_files:\n  - path: /etc/cloud/environment\n    content: |+\n    permissions: '0644'\n";
+        assert_eq!(file_content(doc, ENV).unwrap().as_deref(), Some(""));
+    }
+
     #[test]
     fn content_first_flush_list_and_blank_lines() {
         let doc = "write_files:\n- content: |-\n    A=1\n\n    B=two words\n  path: \"/etc/cloud/environment\"\n- path: x\n";
