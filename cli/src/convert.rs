@@ -88,6 +88,12 @@ pub fn run_convert(input: &Path, output: &Path) -> Result<(), ConvertCliError> {
         source,
     })
     .and_then(|stats| {
+        out_file
+            .sync_data()
+            .map_err(|source| ConvertCliError::Finish {
+                path: tmp.clone(),
+                source,
+            })?;
         drop(out_file);
         fs::rename(&tmp, output).map_err(|source| ConvertCliError::Finish {
             path: output.to_path_buf(),
@@ -103,7 +109,7 @@ pub fn run_convert(input: &Path, output: &Path) -> Result<(), ConvertCliError> {
             return Err(e);
         }
     };
-    // The data is durable (the converter fdatasyncs); make the name durable too.
+    // The data is durable (fdatasync above); make the name durable too.
     if let Some(dir) = output.parent() {
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")

@@ -3,7 +3,7 @@
 //!
 //! Makes a ~1 GiB virtual disk with real data (random, text-like and zero regions),
 //! turns it into QCOW2 with qemu-img (uncompressed and zlib-compressed), then times both
-//! converters on each (median of `KESTREL_BENCH_RUNS`, default 3, with the page cache
+//! converters on each (median of `KESTREL_BENCH_RUNS`, default 5, alternating which tool goes first, with the page cache
 //! dropped before each run when possible) and prints the times, the ratio and the
 //! allocated size of both outputs. Work files go to `KESTREL_BENCH_DIR` (default a
 //! directory under /var/tmp) and are removed at the end.
@@ -35,7 +35,7 @@ fn main() {
         return;
     }
     let size_mib: usize = env_or("KESTREL_BENCH_MIB", 1024);
-    let runs: usize = env_or("KESTREL_BENCH_RUNS", 3);
+    let runs: usize = env_or("KESTREL_BENCH_RUNS", 5);
     let dir = std::env::var_os("KESTREL_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -55,8 +55,12 @@ fn main() {
         }
     );
 
+    // KESTREL_BENCH_KEEP=1 keeps (and reuses) the work files.
+    let keep = std::env::var_os("KESTREL_BENCH_KEEP").is_some();
     let raw = dir.join("source.raw");
-    make_source(&raw, size_mib);
+    if !(keep && raw.exists()) {
+        make_source(&raw, size_mib);
+    }
     let inputs = [
         (
             "qcow2 (uncompressed)",
@@ -74,11 +78,16 @@ fn main() {
         let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
         args.extend_from_slice(opts);
         args.extend_from_slice(&[path_str(&raw), path_str(&q)]);
-        qemu_img(&args);
+        if !(keep && q.exists()) {
+            qemu_img(&args);
+        }
         let qsize = fs::metadata(&q).map(|m| m.len()).unwrap_or(0);
         let ours_out = dir.join("ours.raw");
         let theirs_out = dir.join("qemu.raw");
-        let ours = median(runs, || {
+        // Mode 1, as each tool does by default: qemu-img convert does not sync its output
+        // (it leaves dirty pages behind); ours is timed without the caller's fdatasync.
+        // Mode 2, durable: both followed by an fdatasync of the output.
+        let run_ours = |durable: bool| {
             let _ = fs::remove_file(&ours_out);
             drop_caches();
             let t = Instant::now();
@@ -92,9 +101,12 @@ fn main() {
                 .open(&ours_out)
                 .expect("create output");
             convert(&input, format, &output, &mut |_, _| {}).expect("convert");
+            if durable {
+                output.sync_data().expect("fdatasync");
+            }
             t.elapsed()
-        });
-        let theirs = median(runs, || {
+        };
+        let run_theirs = |durable: bool| {
             let _ = fs::remove_file(&theirs_out);
             drop_caches();
             let t = Instant::now();
@@ -107,33 +119,73 @@ fn main() {
                 path_str(&q),
                 path_str(&theirs_out),
             ]);
+            if durable {
+                File::open(&theirs_out)
+                    .and_then(|f| f.sync_data())
+                    .expect("fdatasync");
+            }
             t.elapsed()
-        });
+        };
+        // One untimed round of each first (the virtual disk's host-side cache makes the
+        // first read of a new file slower), then alternate which tool goes first.
+        run_ours(false);
+        run_theirs(false);
+        let mut results = Vec::new();
+        for durable in [false, true] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for i in 0..runs.max(1) {
+                if i % 2 == 0 {
+                    ours.push(run_ours(durable));
+                    theirs.push(run_theirs(durable));
+                } else {
+                    theirs.push(run_theirs(durable));
+                    ours.push(run_ours(durable));
+                }
+            }
+            results.push((durable, median(ours), median(theirs)));
+        }
         let same = files_equal(&ours_out, &theirs_out);
         let alloc = |p: &Path| fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
         println!("\n{label}: input file {:.1} MiB", qsize as f64 / MIB as f64);
+        for (durable, ours, theirs) in results {
+            println!(
+                "  {}:",
+                if durable {
+                    "durable (+ fdatasync of the output)"
+                } else {
+                    "default (no sync)"
+                }
+            );
+            println!(
+                "    kestrel   {:>8.3} s  {:>7.1} MiB/s",
+                ours.as_secs_f64(),
+                size_mib as f64 / ours.as_secs_f64()
+            );
+            println!(
+                "    qemu-img  {:>8.3} s  {:>7.1} MiB/s",
+                theirs.as_secs_f64(),
+                size_mib as f64 / theirs.as_secs_f64()
+            );
+            println!(
+                "    ratio kestrel/qemu-img = {:.2}x (target <= 1.00x)",
+                ours.as_secs_f64() / theirs.as_secs_f64()
+            );
+        }
         println!(
-            "  kestrel   {:>8.3} s  {:>7.1} MiB/s  output allocated {:>7.1} MiB",
-            ours.as_secs_f64(),
-            size_mib as f64 / ours.as_secs_f64(),
-            alloc(&ours_out) as f64 / MIB as f64
-        );
-        println!(
-            "  qemu-img  {:>8.3} s  {:>7.1} MiB/s  output allocated {:>7.1} MiB",
-            theirs.as_secs_f64(),
-            size_mib as f64 / theirs.as_secs_f64(),
+            "  allocated: kestrel {:.1} MiB, qemu-img {:.1} MiB; outputs identical: {same}",
+            alloc(&ours_out) as f64 / MIB as f64,
             alloc(&theirs_out) as f64 / MIB as f64
-        );
-        println!(
-            "  ratio kestrel/qemu-img = {:.2}x (target <= 1.00x); outputs identical: {same}",
-            ours.as_secs_f64() / theirs.as_secs_f64()
         );
         let _ = fs::remove_file(&ours_out);
         let _ = fs::remove_file(&theirs_out);
-        let _ = fs::remove_file(&q);
+        if !keep {
+            let _ = fs::remove_file(&q);
+        }
     }
-    let _ = fs::remove_file(&raw);
-    let _ = fs::remove_dir(&dir);
+    if !keep {
+        let _ = fs::remove_file(&raw);
+        let _ = fs::remove_dir(&dir);
+    }
 }
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -165,8 +217,7 @@ fn drop_caches() -> bool {
     fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
 }
 
-fn median(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
-    let mut times: Vec<Duration> = (0..runs.max(1)).map(|_| f()).collect();
+fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
 }

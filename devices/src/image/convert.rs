@@ -6,7 +6,11 @@
 //! Memory is bounded by the cluster size, not the image: the L1 table is read in pieces
 //! of at most [`L1_CHUNK_ENTRIES`] entries, one L2 table (one cluster) at a time, runs of
 //! contiguous data clusters up to [`RUN_BYTES`], and a write buffer of [`RUN_BYTES`].
-//! The output is sized with `ftruncate` first; unallocated clusters, zero clusters and
+//! Before the output is touched, the header is validated ([`Qcow2Header::read`]) and a
+//! first pass over the L1 and L2 tables checks every entry (alignment, offsets within the
+//! file), so a hostile image is refused before anything is written; only a compressed
+//! cluster that does not decompress to exactly one cluster is found mid-way (the caller
+//! then discards its temporary output). The output is sized with `ftruncate` first; unallocated clusters, zero clusters and
 //! all-zero [`ZERO_BLOCK`]-byte blocks of data are never written, so they stay holes.
 
 use std::fs::File;
@@ -63,8 +67,9 @@ pub struct ConvertStats {
 
 /// Converts `input` (of `format`) into `output`, a raw image of the virtual disk.
 ///
-/// `output` must be open for writing; it is truncated and resized to the virtual size,
-/// written sparsely and `fdatasync`ed before this returns. `progress(done, total)` is
+/// `output` must be open for writing; it is truncated and resized to the virtual size and
+/// written sparsely. It is *not* synced: the caller decides (the cache fsyncs before it
+/// renames a base into place, `kestrel convert` fdatasyncs before its rename). `progress(done, total)` is
 /// called with virtual bytes processed as the conversion advances (at least once at the
 /// end, with `done == total`). On error the output holds a partial image: callers write
 /// to a temporary file and rename it only on success (see [`super::cache`]).
@@ -75,11 +80,12 @@ pub fn convert(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats, ConvertError> {
     let file_len = input.metadata().map_err(io_err("input"))?.len();
+    // Mostly sequential reads: ask for a larger readahead (advisory, errors ignored).
+    let _ = rustix::fs::fadvise(input, 0, None, rustix::fs::Advice::Sequential);
     let (virtual_size, bytes_written) = match format {
         ImageFormat::Qcow2 => {
             // Everything in the header is validated before the output is touched.
             let header = Qcow2Header::read(input, file_len)?;
-            prepare_output(output, header.virtual_size)?;
             let written = convert_qcow2(input, file_len, &header, output, progress)?;
             (header.virtual_size, written)
         }
@@ -94,7 +100,6 @@ pub fn convert(
             (file_len, written)
         }
     };
-    output.sync_data().map_err(io_err("output"))?;
     progress(virtual_size, virtual_size);
     Ok(ConvertStats {
         format,
@@ -104,7 +109,11 @@ pub fn convert(
 }
 
 fn prepare_output(output: &File, size: u64) -> Result<(), ConvertError> {
-    output.set_len(0).map_err(io_err("output"))?;
+    // Truncating to 0 only when needed: on ext4 a truncate to 0 arms "auto_da_alloc",
+    // which starts writeback of the whole file at close and slows the conversion down.
+    if output.metadata().map_err(io_err("output"))?.len() != 0 {
+        output.set_len(0).map_err(io_err("output"))?;
+    }
     output.set_len(size).map_err(io_err("output"))
 }
 
@@ -202,31 +211,26 @@ struct DataRun {
     len: u64,
 }
 
-fn convert_qcow2(
+/// What [`walk_l2_tables`] calls for each L2 table: `(guest_start, guest_end, entries)`.
+type L2Visitor<'a> = dyn FnMut(u64, u64, Option<&[u8]>) -> Result<(), ConvertError> + 'a;
+
+/// Calls `f(guest_start, guest_end, l2_entries)` for every L1 entry that maps the disk,
+/// in guest order. `l2_entries` holds the L2 entries covering `[guest_start, guest_end)`,
+/// or is `None` when the L2 table is unallocated. One L2 table is in memory at a time.
+fn walk_l2_tables(
     input: &File,
     file_len: u64,
     header: &Qcow2Header,
-    output: &File,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<u64, ConvertError> {
+    f: &mut L2Visitor<'_>,
+) -> Result<(), ConvertError> {
     let cs = header.cluster_size();
-    let cs_usize =
-        usize::try_from(cs).map_err(|_| Qcow2Error::InvalidHeader("cluster size".into()))?;
     let size = header.virtual_size;
     let coverage = header.l2_coverage();
     let l1_needed = header.l1_entries_needed();
-
-    let mut writer = SparseWriter::new(output);
-    let mut l1_buf = vec![0u8; L1_CHUNK_ENTRIES.min(usize::try_from(l1_needed).unwrap_or(0)) * 8];
-    let mut l2_buf = vec![0u8; cs_usize];
-    let mut run_buf: Vec<u8> = Vec::new();
-    let mut cluster_buf = vec![0u8; cs_usize];
-    // A compressed cluster is at most two clusters long (13 bits of sectors at 2 MiB).
-    let mut comp_buf: Vec<u8> = Vec::new();
-    let mut decompressor: Option<Decompressor> = None;
-
+    // cluster_size <= 2 MiB, l1_needed <= MAX_L1_BYTES / 8.
+    let mut l1_buf = vec![0u8; L1_CHUNK_ENTRIES.min(l1_needed as usize) * 8];
+    let mut l2_buf = vec![0u8; cs as usize];
     let mut l1_index = 0u64;
-    let mut last_report = 0u64;
     while l1_index < l1_needed {
         let n = (l1_needed - l1_index).min(L1_CHUNK_ENTRIES as u64) as usize;
         let chunk = l1_buf.get_mut(..n * 8).unwrap_or_default();
@@ -243,7 +247,7 @@ fn convert_qcow2(
             let guest_end = guest_start.saturating_add(coverage).min(size);
             l1_index += 1;
             let Some(l2_offset) = header.l2_table_offset(entry, file_len)? else {
-                progress(guest_end, size);
+                f(guest_start, guest_end, None)?;
                 continue;
             };
             input
@@ -252,10 +256,59 @@ fn convert_qcow2(
                     what: "L2 table",
                     source,
                 })?;
-            let clusters = (guest_end - guest_start).div_ceil(cs);
+            let clusters = (guest_end - guest_start).div_ceil(cs) as usize;
+            f(guest_start, guest_end, l2_buf.get(..clusters * 8))?;
+        }
+    }
+    Ok(())
+}
+
+fn l2_entries(table: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    table
+        .chunks_exact(8)
+        .map(|e| u64::from_be_bytes(<[u8; 8]>::try_from(e).unwrap_or_default()))
+}
+
+fn convert_qcow2(
+    input: &File,
+    file_len: u64,
+    header: &Qcow2Header,
+    output: &File,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, ConvertError> {
+    // First pass: every L1 and L2 entry is checked (alignment, within the file) before
+    // the output is touched, so only a bad compressed cluster can fail mid-way.
+    walk_l2_tables(input, file_len, header, &mut |_, _, table| {
+        for e in l2_entries(table.unwrap_or_default()) {
+            header.cluster_mapping(e, file_len)?;
+        }
+        Ok(())
+    })?;
+    prepare_output(output, header.virtual_size)?;
+
+    let cs = header.cluster_size();
+    // cluster_size <= 2 MiB.
+    let cs_usize = cs as usize;
+    let size = header.virtual_size;
+    let mut writer = SparseWriter::new(output);
+    let mut run_buf: Vec<u8> = Vec::new();
+    let mut cluster_buf = vec![0u8; cs_usize];
+    // A compressed cluster is at most two clusters long (13 bits of sectors at 2 MiB).
+    let mut comp_buf: Vec<u8> = Vec::new();
+    let mut decompressor: Option<Decompressor> = None;
+    let mut last_report = 0u64;
+
+    walk_l2_tables(
+        input,
+        file_len,
+        header,
+        &mut |guest_start, guest_end, table| {
+            let Some(table) = table else {
+                progress(guest_end, size);
+                return Ok(());
+            };
             let mut run: Option<DataRun> = None;
-            for (j, e) in l2_buf.chunks_exact(8).take(clusters as usize).enumerate() {
-                let e = u64::from_be_bytes(<[u8; 8]>::try_from(e).unwrap_or_default());
+            for (j, e) in l2_entries(table).enumerate() {
                 let guest = guest_start + j as u64 * cs;
                 if guest >= last_report + PROGRESS_STEP {
                     last_report = guest;
@@ -307,8 +360,9 @@ fn convert_qcow2(
                 flush_run(input, &r, &mut run_buf, &mut writer)?;
             }
             progress(guest_end, size);
-        }
-    }
+            Ok(())
+        },
+    )?;
     writer.flush()?;
     Ok(writer.written)
 }

@@ -512,6 +512,31 @@ fn header_refusal_happens_before_the_output_is_touched() {
 }
 
 #[test]
+fn bad_table_entry_is_found_before_the_output_is_touched() {
+    // The bad entry is in the last L2 table of a multi-table image.
+    let mut disk = disk_contents(4 * MIB as usize);
+    disk[4 * MIB as usize - 100..].fill(0x77);
+    let b = build_qcow2(
+        Opts {
+            cluster_bits: 12,
+            ..Opts::default()
+        },
+        &disk,
+    );
+    let (_, last_entry) = *b.l2_entry_at.last().unwrap();
+    let mut img = b.bytes.clone();
+    put64(&mut img, last_entry as usize, (1u64 << 50) | 1 << 63);
+    let w = Work::new();
+    let input = w.write("bad.qcow2", &img);
+    let output = w.write("out.raw", b"untouched");
+    assert!(matches!(
+        convert_path(&input, &output),
+        Err(ConvertError::Qcow2(Qcow2Error::InvalidEntry(_)))
+    ));
+    assert_eq!(fs::read(&output).unwrap(), b"untouched");
+}
+
+#[test]
 fn refuses_bad_table_entries() {
     let b = valid();
     let l1 = b.l1_offset as usize;
