@@ -920,12 +920,7 @@ mod tests {
             ..Default::default()
         });
         recv(&mut c, 4096).unwrap();
-        c.on_packet(
-            Op::Rst,
-            &guest_hdr(uapi::OP_RST, 0, 0),
-            &[],
-            Instant::now(),
-        );
+        c.on_packet(Op::Rst, &guest_hdr(uapi::OP_RST, 0, 0), &[], Instant::now());
         assert!(c.is_closed());
         assert!(!c.has_pending_rx());
     }
@@ -950,7 +945,10 @@ mod tests {
         assert_eq!(c.interest(), Interest::default());
         let now = Instant::now();
         let (h, _) = recv(&mut c, 64).unwrap();
-        assert_eq!((h.op, h.src_port, h.dst_port), (uapi::OP_REQUEST, LOCAL, 52));
+        assert_eq!(
+            (h.op, h.src_port, h.dst_port),
+            (uapi::OP_REQUEST, LOCAL, 52)
+        );
         assert!(c.take_new_deadline().is_some());
         // Data before the response is a protocol error... tested below; here: response.
         let mut resp = guest_hdr(uapi::OP_RESPONSE, 2048, 0);

@@ -76,8 +76,9 @@ impl Vsock {
             }
         }
         if !self.is_activated() {
-            self.log()
-                .warn(format_args!("vsock: queue {index} notified while not active"));
+            self.log().warn(format_args!(
+                "vsock: queue {index} notified while not active"
+            ));
             return;
         }
         if index == TXQ {

@@ -612,11 +612,9 @@ impl Muxer {
             let current = self.registered.get(&fd).copied();
             let result = match current {
                 None if wanted.is_empty() => Ok(()),
-                None => ops
-                    .add(Events::with_data_raw(fd, token, wanted))
-                    .map(|()| {
-                        self.registered.insert(fd, wanted);
-                    }),
+                None => ops.add(Events::with_data_raw(fd, token, wanted)).map(|()| {
+                    self.registered.insert(fd, wanted);
+                }),
                 Some(_) if wanted.is_empty() => {
                     self.registered.remove(&fd);
                     ops.remove(Events::empty_raw(fd))

@@ -320,12 +320,11 @@ pub fn write_segments<G: GuestMemory + ?Sized>(
     offset: u64,
     data: &[u8],
 ) -> Result<(), GuestMemoryError> {
-    let range = sub_range(segments, offset, data.len() as u64).ok_or(
-        GuestMemoryError::PartialBuffer {
+    let range =
+        sub_range(segments, offset, data.len() as u64).ok_or(GuestMemoryError::PartialBuffer {
             expected: data.len(),
             completed: 0,
-        },
-    )?;
+        })?;
     let mut rest = data;
     for seg in range {
         let n = rest.len().min(seg.len as usize);
@@ -347,7 +346,10 @@ fn read_header<G: GuestMemory + ?Sized>(
 }
 
 /// Parses a chain from the TX queue against `limits`.
-pub fn parse_tx<M>(mut chain: DescriptorChain<M>, limits: &TxLimits) -> Result<TxPacket, PacketError>
+pub fn parse_tx<M>(
+    mut chain: DescriptorChain<M>,
+    limits: &TxLimits,
+) -> Result<TxPacket, PacketError>
 where
     M: Deref,
     M::Target: GuestMemory,
@@ -384,7 +386,10 @@ where
 }
 
 /// Parses a chain from the RX queue: device-writable, room for at least a header.
-pub fn parse_rx<M>(mut chain: DescriptorChain<M>, max_descriptors: usize) -> Result<RxBuffer, PacketError>
+pub fn parse_rx<M>(
+    mut chain: DescriptorChain<M>,
+    max_descriptors: usize,
+) -> Result<RxBuffer, PacketError>
 where
     M: Deref,
     M::Target: GuestMemory,
@@ -653,8 +658,14 @@ mod tests {
             (|h| h.op = 8, PacketError::UnknownOp(8)),
             (|h| h.type_ = 2, PacketError::UnknownType(2)),
             (|h| h.src_cid = 4, PacketError::WrongSrcCid { cid: 4 }),
-            (|h| h.src_cid = HOST_CID, PacketError::WrongSrcCid { cid: 2 }),
-            (|h| h.dst_cid = GUEST_CID, PacketError::WrongDstCid { cid: 3 }),
+            (
+                |h| h.src_cid = HOST_CID,
+                PacketError::WrongSrcCid { cid: 2 },
+            ),
+            (
+                |h| h.dst_cid = GUEST_CID,
+                PacketError::WrongDstCid { cid: 3 },
+            ),
         ];
         for (mutate, expected) in cases {
             let mut h = good_header(0);
@@ -735,7 +746,10 @@ mod tests {
     fn sub_range_edges() {
         let segs = [seg(0x100, 10), seg(0x200, 10)];
         assert_eq!(sub_range(&segs, 0, 0), Some(vec![]));
-        assert_eq!(sub_range(&segs, 5, 10), Some(vec![seg(0x105, 5), seg(0x200, 5)]));
+        assert_eq!(
+            sub_range(&segs, 5, 10),
+            Some(vec![seg(0x105, 5), seg(0x200, 5)])
+        );
         assert_eq!(sub_range(&segs, 20, 0), Some(vec![]));
         assert_eq!(sub_range(&segs, 20, 1), None);
         assert_eq!(sub_range(&segs, 0, 21), None);
