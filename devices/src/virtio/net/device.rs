@@ -49,8 +49,9 @@ use crate::virtio::device::{
 };
 use crate::virtio::{device_id, features, RateLimitedLog};
 
-/// TX chains processed per event before the device yields to the event loop.
-pub const TX_BUDGET: usize = 256;
+/// TX chains processed per event before the device yields to the event loop (Linux's NAPI
+/// weight).
+pub const TX_BUDGET: usize = 64;
 /// Frames read from the backend per event (the backend fd is level-triggered: more wake us).
 pub const RX_BUDGET: usize = 64;
 /// Longest chain accepted in either direction (without indirect descriptors a chain cannot

@@ -2,6 +2,9 @@
 //! is one Ethernet frame preceded by a 12-byte `virtio_net_hdr_v1`, so frames pass between
 //! the guest's queues and the tap without translation.
 //!
+//! Headers are little-endian (virtio 1.x) and so is the tap's default on the x86_64 hosts
+//! kestrel runs on; a big-endian host would need `TUNSETVNETLE`.
+//!
 //! The only `unsafe` of the `devices` crate lives here (the tun ioctls, `if_nametoindex`,
 //! and `setns` in the tests); every block carries a `// SAFETY:` comment.
 //!
