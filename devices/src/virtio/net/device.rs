@@ -205,7 +205,8 @@ pub struct Net {
     pub(super) queue_evts_registered: bool,
     /// Whether the backend fd is in the event loop (see [`Net::wants_backend_events`]).
     pub(super) backend_registered: bool,
-    /// The backend reported an error or hang-up on its fd; it is not watched any more.
+    /// The backend reported an error or hang-up on its fd, or end of file; it is not read
+    /// or watched any more.
     pub(super) backend_failed: bool,
 }
 
