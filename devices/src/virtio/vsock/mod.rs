@@ -39,6 +39,27 @@
 //! full). Writes to a closed host socket return EPIPE: the process must ignore SIGPIPE (Rust
 //! binaries do by default).
 
+//!
+//! # Wiring (what the `vmm` crate does for the vsock device)
+//!
+//! Same steps as virtio-blk (see [`crate::virtio`]), with three queues:
+//!
+//! ```text
+//! // 1. device: guest CID (>= 3) and the host socket path (must not exist; bound now, so host
+//! //    clients may connect before the guest is up; removed when the device is dropped)
+//! let vsock = Arc::new(Mutex::new(Vsock::new(cid, Path::new("/run/kestrel/<id>/vsock.sock"))?));
+//! // 2.-5. irqfd, MmioTransport::new(mem.clone(), vsock.clone(), irq_line)?, one ioeventfd per
+//! //    queue (datamatch 0 = RX, 1 = TX, 2 = event), bus insert of the 4 KiB window
+//! // 6. VMM thread: the subscriber (registers activate_evt, the listening socket and its timer
+//! //    in `init`; queue EventFds on activation; host sockets as connections come and go)
+//! event_manager.add_subscriber(vsock.clone());
+//! // 7. kernel command line: virtio_mmio.device=4K@{base:#x}:{irq}
+//! // metrics at any time, without the device lock: vsock.lock()?.metrics() -> Arc<VsockMetrics>
+//! ```
+//!
+//! Limits (connections, per-connection buffer, timeouts) default to [`VsockLimits::default`];
+//! [`Vsock::with_limits`] overrides them.
+
 pub mod csm;
 pub mod device;
 pub mod event_handler;
