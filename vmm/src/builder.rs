@@ -174,18 +174,28 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
         }
         cmdline.push_str(entry);
     }
+    if cpuid::host_is_kvm_pvm() {
+        // kvm_pvm ignores CPUID feature masks; tell the guest kernel instead.
+        log::debug!(
+            "kvm_pvm host: adding `{}` to the kernel command line",
+            cpuid::PVM_KERNEL_PARAMS
+        );
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(cpuid::PVM_KERNEL_PARAMS);
+    }
     boot::write_cmdline(mem, &cmdline)?;
     boot::write_boot_info(mem, &kernel, cmdline.len(), initrd, mem_size, config.vcpus)?;
     regs::write_boot_tables(mem, kernel.protocol).map_err(BuildVmError::BootTables)?;
 
     // vCPUs.
-    let hide = cpuid::host_is_kvm_pvm();
     let base_cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let v = vm.create_vcpu(id)?;
         let mut c = base_cpuid.clone();
-        cpuid::filter(&mut c, id, config.vcpus, hide);
+        cpuid::filter(&mut c, id, config.vcpus);
         let boot = (id == 0).then_some((kernel.entry, kernel.protocol));
         v.configure(&c, boot)?;
         vcpus.push(v);

@@ -116,6 +116,15 @@ fn prints_on_com1_reports_boot_time_and_exits_with_status() {
     assert!(o.boot_time.is_some(), "the boot timer fired");
 }
 
+/// `cmdline` as the guest sees it: on kvm_pvm hosts the VMM appends its quirk parameters.
+fn guest_cmdline(cmdline: &str) -> String {
+    if vmm::arch::cpuid::host_is_kvm_pvm() {
+        format!("{cmdline} {}", vmm::arch::cpuid::PVM_KERNEL_PARAMS)
+    } else {
+        cmdline.to_string()
+    }
+}
+
 fn field<'a>(console: &'a str, key: &str) -> Vec<&'a str> {
     console
         .lines()
@@ -136,7 +145,10 @@ fn pvh_boot_info_as_the_guest_sees_it() {
     let o = boot(cfg, &console);
     assert_eq!(o.exit, VmExit::Exited(0), "{}", o.console);
     assert_eq!(field(&o.console, "magic="), ["336ec578"]);
-    assert_eq!(field(&o.console, "cmdline="), ["root=/dev/vda quiet"]);
+    assert_eq!(
+        field(&o.console, "cmdline="),
+        [guest_cmdline("root=/dev/vda quiet")]
+    );
     assert_eq!(field(&o.console, "memmap="), ["00000002"]);
     assert_eq!(
         field(&o.console, "entry="),
@@ -220,7 +232,10 @@ fn linux_64bit_protocol_elf_and_bzimage() {
         assert_eq!(o.exit, VmExit::Exited(7), "{name}: {}", o.console);
         assert_eq!(
             o.console,
-            "boot_flag=0000aa55 header=53726448 e820=00000002 ramdisk_size=00000000 cmdline=console=ttyS0 x\n",
+            format!(
+                "boot_flag=0000aa55 header=53726448 e820=00000002 ramdisk_size=00000000 cmdline={}\n",
+                guest_cmdline("console=ttyS0 x")
+            ),
             "{name}"
         );
     }
@@ -313,7 +328,11 @@ fn bad_input_is_refused_with_what_and_where() {
     assert!(start_err(c).contains("missing-initrd does not exist"));
     let mut c = config(payload("hello"), &console);
     c.cmdline = "x".repeat(4000);
-    assert!(start_err(c).contains("command line is 4000 bytes"));
+    let expected = format!(
+        "command line is {} bytes",
+        guest_cmdline(&"x".repeat(4000)).len()
+    );
+    assert!(start_err(c).contains(&expected));
     let mut c = config(payload("hello"), &console);
     let big = dir.join("big-initrd");
     std::fs::File::create(&big)
@@ -383,6 +402,25 @@ fn virtio_block_devices_are_on_the_mmio_bus_and_the_command_line() {
     );
     assert_eq!(
         field(&o.console, "cmdline="),
-        ["console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"]
+        [guest_cmdline(
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        )]
     );
+}
+
+#[test]
+fn cpuid_topology_as_the_guest_sees_it() {
+    require_kvm!();
+    for vcpus in [1u8, 3] {
+        let o = boot_payload("cpuid", "", vcpus, 128);
+        assert_eq!(o.exit, VmExit::Exited(0), "{}", o.console);
+        let leaf1 = field(&o.console, "leaf1=");
+        let ebx = u32::from_str_radix(leaf1[0].split(' ').nth(1).unwrap(), 16).unwrap();
+        assert_eq!(ebx >> 24, 0, "the boot CPU's APIC id");
+        assert_eq!(
+            (ebx >> 16) & 0xff,
+            u32::from(vcpus),
+            "logical processor count"
+        );
+    }
 }

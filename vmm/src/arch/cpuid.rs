@@ -1,45 +1,25 @@
-//! The CPUID a vCPU sees: KVM's supported set, with our topology and, on a kvm_pvm host,
-//! without the features its instruction emulator cannot run.
+//! The CPUID a vCPU sees: KVM's supported set with our topology, and the kvm_pvm quirk.
 //!
 //! kvm_pvm (docs/kvm-pvm.md in the project's shared docs) runs guest kernel code through an
-//! emulator that fails on cmpxchg16b, xrstor, popcnt and friends. Hiding those features
-//! makes Linux take its fallback paths; on hardware KVM nothing is hidden.
+//! instruction emulator that fails on cmpxchg16b, xrstor, popcnt and friends. Measured on
+//! such a host: kvm_pvm does **not** honour feature bits cleared in KVM_SET_CPUID2 (leaf 1
+//! ECX and leaf 7 still show xsave, popcnt, fsgsbase… to the guest, with kestrel and with
+//! qemu's `-cpu host,-xsave,…` alike), while the topology fields are honoured. So on kvm_pvm
+//! the VMM tells the guest kernel on its command line ([`PVM_KERNEL_PARAMS`]) to treat
+//! those features as absent; Linux then takes its fallback paths. On hardware KVM nothing
+//! is hidden and the command line is untouched.
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use kvm_bindings::CpuId;
 
-/// A feature bit: (leaf, subleaf, register, bit).
-#[derive(Debug, Clone, Copy)]
-struct Feature(u32, u32, Reg, u32);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reg {
-    Ebx,
-    Ecx,
-}
-
-/// What kvm_pvm's emulator cannot run, and what depends on it (AVX needs XSAVE).
-const PVM_HIDDEN: &[Feature] = &[
-    Feature(1, 0, Reg::Ecx, 1),  // pclmulqdq
-    Feature(1, 0, Reg::Ecx, 12), // fma
-    Feature(1, 0, Reg::Ecx, 13), // cx16 (cmpxchg16b)
-    Feature(1, 0, Reg::Ecx, 17), // pcid
-    Feature(1, 0, Reg::Ecx, 20), // sse4.2
-    Feature(1, 0, Reg::Ecx, 23), // popcnt
-    Feature(1, 0, Reg::Ecx, 25), // aes
-    Feature(1, 0, Reg::Ecx, 26), // xsave
-    Feature(1, 0, Reg::Ecx, 27), // osxsave
-    Feature(1, 0, Reg::Ecx, 28), // avx
-    Feature(1, 0, Reg::Ecx, 29), // f16c
-    Feature(1, 0, Reg::Ecx, 30), // rdrand
-    Feature(7, 0, Reg::Ebx, 0),  // fsgsbase
-    Feature(7, 0, Reg::Ebx, 5),  // avx2
-    Feature(7, 0, Reg::Ebx, 10), // invpcid
-    Feature(7, 0, Reg::Ebx, 16), // avx512f
-    Feature(7, 0, Reg::Ebx, 18), // rdseed
-    Feature(7, 0, Reg::Ebx, 20), // smap
-    Feature(7, 0, Reg::Ebx, 29), // sha_ni
-    Feature(7, 0, Reg::Ecx, 22), // rdpid
-];
+/// Kernel parameters that clear, in the guest kernel, the CPU features kvm_pvm's emulator
+/// cannot run. `noxsave` also clears what depends on XSAVE (AVX, AVX2, AVX-512, FMA, F16C);
+/// `clearcpuid` takes Linux's capability numbers (word × 32 + bit; names need
+/// `CONFIG_X86_FEATURE_NAMES`): pclmulqdq 4*32+1, cx16 4*32+13, pcid 4*32+17, sse4_2 4*32+20,
+/// popcnt 4*32+23, aes 4*32+25, rdrand 4*32+30, fsgsbase 9*32+0, invpcid 9*32+10, rdseed
+/// 9*32+18, smap 9*32+20, sha_ni 9*32+29, rdpid 16*32+22. Linux reads at most 127
+/// characters of the `clearcpuid` value.
+pub const PVM_KERNEL_PARAMS: &str =
+    "noxsave clearcpuid=129,141,145,148,151,153,158,288,298,306,308,317,534";
 
 const HYPERVISOR_BIT: u32 = 1 << 31;
 const HTT_BIT: u32 = 1 << 28;
@@ -49,15 +29,9 @@ pub fn host_is_kvm_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
-fn reg_mut(e: &mut kvm_cpuid_entry2, r: Reg) -> &mut u32 {
-    match r {
-        Reg::Ebx => &mut e.ebx,
-        Reg::Ecx => &mut e.ecx,
-    }
-}
-
-/// Adjusts KVM's supported CPUID for vCPU `cpu_id` of `cpu_count`.
-pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, hide_for_pvm: bool) {
+/// Adjusts KVM's supported CPUID for vCPU `cpu_id` of `cpu_count`: APIC ids, logical
+/// processor count and the hypervisor bit.
+pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8) {
     for e in cpuid.as_mut_slice().iter_mut() {
         match e.function {
             1 => {
@@ -76,28 +50,13 @@ pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, hide_for_pvm: bool) 
             0xb | 0x1f => e.edx = u32::from(cpu_id),
             _ => {}
         }
-        if hide_for_pvm {
-            let (function, index) = (e.function, e.index);
-            for f in PVM_HIDDEN
-                .iter()
-                .filter(|f| f.0 == function && f.1 == index)
-            {
-                *reg_mut(e, f.2) &= !(1 << f.3);
-            }
-            if e.function == 0xd {
-                // No XSAVE: no XSAVE state components.
-                e.eax = 0;
-                e.ebx = 0;
-                e.ecx = 0;
-                e.edx = 0;
-            }
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
@@ -111,37 +70,45 @@ mod tests {
         }
     }
 
-    fn cpuid() -> CpuId {
-        CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(0xb, 0), entry(0xd, 0)]).unwrap()
-    }
-
     #[test]
     fn topology_and_hypervisor_bit() {
-        let mut c = cpuid();
-        filter(&mut c, 3, 4, false);
+        let mut c = CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(0xb, 0)]).unwrap();
+        filter(&mut c, 3, 4);
         let e = c.as_slice();
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
         assert_ne!(e[0].ecx & HYPERVISOR_BIT, 0);
+        assert_ne!(e[0].edx & HTT_BIT, 0);
         assert_eq!(e[2].edx, 3);
-        // Nothing hidden on hardware KVM.
-        assert_eq!(e[0].ecx & (1 << 13), 1 << 13);
-        assert_eq!(e[3].eax, !0);
+        // Feature bits are left as KVM reports them.
+        assert_eq!((e[0].ecx, e[1].ebx), (!0, !0));
+        filter(&mut c, 0, 1);
+        assert_eq!(c.as_slice()[0].edx & HTT_BIT, 0);
     }
 
     #[test]
-    fn pvm_hides_what_the_emulator_cannot_run() {
-        let mut c = cpuid();
-        filter(&mut c, 0, 1, true);
-        let e = c.as_slice();
-        for bit in [1, 13, 17, 20, 23, 25, 26, 28, 30] {
-            assert_eq!(e[0].ecx & (1 << bit), 0, "leaf 1 ecx bit {bit}");
-        }
-        for bit in [0, 10, 18, 20, 29] {
-            assert_eq!(e[1].ebx & (1 << bit), 0, "leaf 7 ebx bit {bit}");
-        }
-        assert_eq!(e[1].ecx & (1 << 22), 0);
-        assert_eq!(e[3].eax, 0);
-        assert_eq!(e[0].edx & HTT_BIT, 0);
+    fn pvm_params_fit_linux_limits() {
+        let (noxsave, clear) = PVM_KERNEL_PARAMS.split_once(' ').unwrap();
+        assert_eq!(noxsave, "noxsave");
+        let bits = clear.strip_prefix("clearcpuid=").unwrap();
+        assert!(bits.len() < 128, "Linux reads 127 characters of clearcpuid");
+        // Capability numbers of the features kvm-pvm.md lists (word * 32 + bit).
+        let expected = [
+            4 * 32 + 1,
+            4 * 32 + 13,
+            4 * 32 + 17,
+            4 * 32 + 20,
+            4 * 32 + 23,
+            4 * 32 + 25,
+            4 * 32 + 30,
+            9 * 32,
+            9 * 32 + 10,
+            9 * 32 + 18,
+            9 * 32 + 20,
+            9 * 32 + 29,
+            16 * 32 + 22,
+        ];
+        let got: Vec<u32> = bits.split(',').map(|b| b.parse().unwrap()).collect();
+        assert_eq!(got, expected);
     }
 }
