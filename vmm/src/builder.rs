@@ -11,13 +11,12 @@ use devices::legacy::i8042::I8042;
 use devices::legacy::platform::{BootTimer, ExitPort};
 use devices::legacy::serial::{SerialConsole, SerialError};
 use devices::legacy::{self, ExitHook, PlatformExit};
-use devices::virtio::block::BlockMetrics;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, BootError};
 use crate::arch::{cpuid, layout, regs};
 use crate::config::{self, ConfigError, VmConfig};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceMetrics};
 use crate::exit::{ExitState, VmExit};
 use crate::vmm_thread::{self, ControlSender, Manager, VmmThread};
 use crate::vstate::vcpu::{self, VcpuError};
@@ -52,7 +51,7 @@ pub enum BuildVmError {
 pub struct VmmHandle {
     thread: JoinHandle<VmExit>,
     control: ControlSender,
-    block_metrics: Vec<Arc<BlockMetrics>>,
+    metrics: DeviceMetrics,
 }
 
 impl VmmHandle {
@@ -61,9 +60,9 @@ impl VmmHandle {
         self.control.clone()
     }
 
-    /// Counters of each virtio-blk disk, in the order of [`VmConfig::disks`].
-    pub fn block_metrics(&self) -> &[Arc<BlockMetrics>] {
-        &self.block_metrics
+    /// The devices' counters (bytes, packets, requests, errors), in config order.
+    pub fn metrics(&self) -> &DeviceMetrics {
+        &self.metrics
     }
 
     /// Blocks until the VM has stopped and its threads are gone.
@@ -167,6 +166,12 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     for disk in std::mem::take(&mut config.disks) {
         device_manager.add_block(&vm, &mut mmio, &mut manager, disk)?;
     }
+    for net in std::mem::take(&mut config.nets) {
+        device_manager.add_net(&vm, &mut mmio, &mut manager, net)?;
+    }
+    if let Some(vsock) = config.vsock.take() {
+        device_manager.add_vsock(&vm, &mut mmio, &mut manager, vsock)?;
+    }
     let mut cmdline = config.cmdline.clone();
     for entry in device_manager.cmdline_entries() {
         if !cmdline.is_empty() {
@@ -242,6 +247,6 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     Ok(VmmHandle {
         thread,
         control,
-        block_metrics: device_manager.block_metrics().to_vec(),
+        metrics: device_manager.metrics(),
     })
 }

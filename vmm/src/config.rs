@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::arch::mptable::MAX_CPUS;
-use crate::device_manager::DiskConfig;
+use crate::device_manager::{DiskConfig, NetConfig, VsockConfig};
 use crate::exit::VmExit;
 
 /// Called once, on the VMM thread, with how the VM ended.
@@ -30,6 +30,10 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// virtio-blk disks, in the order the guest sees them (`vda`, `vdb`…).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces over taps, in the order the guest sees them.
+    pub nets: Vec<NetConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
     /// Where the guest console (COM1) goes.
     pub console_out: Box<dyn Write + Send>,
     /// Host input for the guest console, if any (a terminal, pipe or socket).
@@ -52,6 +56,8 @@ impl VmConfig {
             vcpus: 1,
             memory_mib: 128,
             disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
             console_out: Box::new(std::io::stdout()),
             console_in: None,
             start_time: Instant::now(),

@@ -9,6 +9,8 @@ use devices::bus::{Bus, BusError};
 use devices::disk::DiskBackend;
 use devices::irq::{EventFdIrq, IrqLine};
 use devices::virtio::block::{Block, BlockError, BlockMetrics};
+use devices::virtio::net::{MacAddr, Net, NetError, NetMetrics, Tap, TapError};
+use devices::virtio::vsock::{Vsock, VsockError, VsockMetrics};
 use devices::virtio::{
     MmioError, MmioTransport, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
 };
@@ -27,6 +29,29 @@ pub struct DiskConfig {
     pub serial: Option<String>,
 }
 
+/// Which tap device backs a virtio-net device.
+pub enum TapSource {
+    /// An existing tap interface, by name (in this thread's network namespace).
+    Name(String),
+    /// A tap fd opened by the caller (e.g. inside a pod's network namespace).
+    Fd(std::os::fd::OwnedFd),
+}
+
+/// A network interface given to the guest as virtio-net (`eth0`, `eth1`… in order).
+pub struct NetConfig {
+    pub tap: TapSource,
+    /// The guest's MAC address (default: chosen by the guest driver).
+    pub mac: Option<MacAddr>,
+}
+
+/// The guest's vsock device, in Firecracker's hybrid model: host clients connect to
+/// `socket` and write `CONNECT <port>\n`; guest connections to host port P reach a listener
+/// at `<socket>_P`.
+pub struct VsockConfig {
+    pub cid: u64,
+    pub socket: std::path::PathBuf,
+}
+
 /// Errors attaching devices.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -38,6 +63,20 @@ pub enum DeviceError {
         #[source]
         source: BlockError,
     },
+    #[error("cannot open the tap device of network interface {index}")]
+    Tap {
+        index: usize,
+        #[source]
+        source: TapError,
+    },
+    #[error("cannot create virtio-net device {index}")]
+    Net {
+        index: usize,
+        #[source]
+        source: NetError,
+    },
+    #[error("cannot create the vsock device")]
+    Vsock(#[source] VsockError),
     #[error("cannot create the virtio-mmio transport")]
     Transport(#[source] MmioError),
     #[error("cannot create an interrupt event")]
@@ -54,6 +93,8 @@ pub struct DeviceManager {
     next_irq: u32,
     cmdline: Vec<String>,
     block_metrics: Vec<Arc<BlockMetrics>>,
+    net_metrics: Vec<Arc<NetMetrics>>,
+    vsock_metrics: Option<Arc<VsockMetrics>>,
 }
 
 impl Default for DeviceManager {
@@ -63,6 +104,8 @@ impl Default for DeviceManager {
             next_irq: VIRTIO_IRQ_START,
             cmdline: Vec::new(),
             block_metrics: Vec::new(),
+            net_metrics: Vec::new(),
+            vsock_metrics: None,
         }
     }
 }
@@ -83,6 +126,41 @@ impl DeviceManager {
         let block = Arc::new(Mutex::new(block));
         self.add_virtio(vm, mmio, manager, block.clone(), block)?;
         Ok(())
+    }
+
+    /// Attaches a virtio-net interface over a tap.
+    pub fn add_net(
+        &mut self,
+        vm: &Vm,
+        mmio: &mut Bus,
+        manager: &mut Manager,
+        net: NetConfig,
+    ) -> Result<(), DeviceError> {
+        let index = self.net_metrics.len();
+        let tap = match net.tap {
+            TapSource::Name(name) => Tap::open(&name),
+            TapSource::Fd(fd) => Tap::from_fd(fd),
+        }
+        .map_err(|source| DeviceError::Tap { index, source })?;
+        let device = Net::new(Box::new(tap), net.mac)
+            .map_err(|source| DeviceError::Net { index, source })?;
+        self.net_metrics.push(device.metrics());
+        let device = Arc::new(Mutex::new(device));
+        self.add_virtio(vm, mmio, manager, device.clone(), device)
+    }
+
+    /// Attaches the vsock device (one per VM).
+    pub fn add_vsock(
+        &mut self,
+        vm: &Vm,
+        mmio: &mut Bus,
+        manager: &mut Manager,
+        cfg: VsockConfig,
+    ) -> Result<(), DeviceError> {
+        let device = Vsock::new(cfg.cid, &cfg.socket).map_err(DeviceError::Vsock)?;
+        self.vsock_metrics = Some(device.metrics());
+        let device = Arc::new(Mutex::new(device));
+        self.add_virtio(vm, mmio, manager, device.clone(), device)
     }
 
     /// Wires one virtio device: transport on the bus, irqfd, ioeventfds, subscriber.
@@ -124,8 +202,22 @@ impl DeviceManager {
         &self.cmdline
     }
 
-    /// Counters of each virtio-blk disk, in attach order.
-    pub fn block_metrics(&self) -> &[Arc<BlockMetrics>] {
-        &self.block_metrics
+    /// The counters of every device placed so far.
+    pub fn metrics(&self) -> DeviceMetrics {
+        DeviceMetrics {
+            block: self.block_metrics.clone(),
+            net: self.net_metrics.clone(),
+            vsock: self.vsock_metrics.clone(),
+        }
     }
+}
+
+/// Per-device counters, readable at any time without taking device locks.
+#[derive(Clone, Default)]
+pub struct DeviceMetrics {
+    /// virtio-blk disks, in attach order.
+    pub block: Vec<Arc<BlockMetrics>>,
+    /// virtio-net interfaces, in attach order.
+    pub net: Vec<Arc<NetMetrics>>,
+    pub vsock: Option<Arc<VsockMetrics>>,
 }

@@ -11,6 +11,7 @@
 pub mod cache;
 pub mod convert;
 pub mod qcow2;
+pub mod vm_disk;
 
 #[cfg(test)]
 mod tests;
