@@ -5,14 +5,27 @@ use std::path::PathBuf;
 pub const USAGE: &str = "usage:
   kestrel run [--kernel PATH] [--initrd PATH | --no-initrd] [--cmdline STRING]
               [--cpus N] [--memory MiB]
+              [--image PATH[,overlay=FILE]] [--disk PATH[,ro][,serial=S][,overlay=FILE]]...
+              [--net tap=NAME[,mac=MAC]]... [--vsock cid=N,socket=PATH]
       Boot a microVM: the console is this terminal, the exit status is the guest's.
       Defaults: the guest kernel and initramfs built by scripts/build-guest.sh,
       1 vCPU, 128 MiB.
+      --image   boot a VM image (QCOW2 or raw) as the root disk /dev/vda: converted once
+                to a raw base in the image cache, written through a copy-on-write overlay
+                (temporary unless overlay=FILE); implies --no-initrd.
+      --disk    attach a raw disk file as is (never format-probed); overlay=FILE keeps
+                PATH read-only and writes to FILE.
+      --net     attach a virtio-net interface on an existing tap device.
+      --vsock   attach vsock: host clients connect to PATH and send CONNECT <port>;
+                guest connections to host port P reach PATH_P.
+  kestrel convert INPUT OUTPUT
+      Convert a QCOW2 (or raw) image to a sparse raw file.
   kestrel version";
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run(RunArgs),
+    Convert { input: PathBuf, output: PathBuf },
     Version,
     Help,
 }
@@ -25,6 +38,40 @@ pub struct RunArgs {
     pub cmdline: Option<String>,
     pub cpus: u8,
     pub memory_mib: u64,
+    pub image: Option<ImageArg>,
+    pub disks: Vec<DiskArg>,
+    pub nets: Vec<NetArg>,
+    pub vsock: Option<VsockArg>,
+}
+
+/// `--image PATH[,overlay=FILE]`
+#[derive(Debug, PartialEq, Eq)]
+pub struct ImageArg {
+    pub path: PathBuf,
+    pub overlay: Option<PathBuf>,
+}
+
+/// `--disk PATH[,ro][,serial=S][,overlay=FILE]`
+#[derive(Debug, PartialEq, Eq)]
+pub struct DiskArg {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    pub overlay: Option<PathBuf>,
+}
+
+/// `--net tap=NAME[,mac=MAC]`
+#[derive(Debug, PartialEq, Eq)]
+pub struct NetArg {
+    pub tap: String,
+    pub mac: Option<String>,
+}
+
+/// `--vsock cid=N,socket=PATH`
+#[derive(Debug, PartialEq, Eq)]
+pub struct VsockArg {
+    pub cid: u64,
+    pub socket: PathBuf,
 }
 
 impl Default for RunArgs {
@@ -36,6 +83,10 @@ impl Default for RunArgs {
             cmdline: None,
             cpus: 1,
             memory_mib: 128,
+            image: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -59,6 +110,157 @@ pub enum ArgsError {
     },
     #[error("--initrd and --no-initrd exclude each other")]
     InitrdConflict,
+    #[error("{option} {value:?}: {why}")]
+    BadSpec {
+        option: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("convert takes INPUT and OUTPUT")]
+    ConvertArgs,
+}
+
+/// One `key=value` (or bare `flag`) item of a device spec.
+type SpecOption<'a> = (&'a str, Option<&'a str>);
+
+/// The comma-separated items of a device spec.
+fn options(value: &str) -> impl Iterator<Item = SpecOption<'_>> {
+    value
+        .split(',')
+        .map(|p| p.split_once('=').map_or((p, None), |(k, v)| (k, Some(v))))
+}
+
+/// A spec whose first item is a path: the path and the remaining options.
+fn path_and_options<'a>(
+    option: &'static str,
+    value: &'a str,
+) -> Result<(&'a str, Vec<SpecOption<'a>>), ArgsError> {
+    let mut items = options(value);
+    match items.next() {
+        Some((path, None)) if !path.is_empty() => Ok((path, items.collect())),
+        _ => Err(bad(option, value, "the first item must be a path")),
+    }
+}
+
+fn bad(option: &'static str, value: &str, why: impl Into<String>) -> ArgsError {
+    ArgsError::BadSpec {
+        option,
+        value: value.into(),
+        why: why.into(),
+    }
+}
+
+fn parse_image(value: &str) -> Result<ImageArg, ArgsError> {
+    let (path, opts) = path_and_options("--image", value)?;
+    let mut arg = ImageArg {
+        path: path.into(),
+        overlay: None,
+    };
+    for (k, v) in opts {
+        match (k, v) {
+            ("overlay", Some(f)) if !f.is_empty() => arg.overlay = Some(f.into()),
+            _ => {
+                return Err(bad(
+                    "--image",
+                    value,
+                    format!("unknown option {k:?} (expected overlay=FILE)"),
+                ))
+            }
+        }
+    }
+    Ok(arg)
+}
+
+fn parse_disk(value: &str) -> Result<DiskArg, ArgsError> {
+    let (path, opts) = path_and_options("--disk", value)?;
+    let mut arg = DiskArg {
+        path: path.into(),
+        read_only: false,
+        serial: None,
+        overlay: None,
+    };
+    for (k, v) in opts {
+        match (k, v) {
+            ("ro", None) => arg.read_only = true,
+            ("serial", Some(s)) if s.len() <= 20 => arg.serial = Some(s.into()),
+            ("serial", Some(_)) => {
+                return Err(bad("--disk", value, "a serial has at most 20 bytes"))
+            }
+            ("overlay", Some(f)) if !f.is_empty() => arg.overlay = Some(f.into()),
+            _ => {
+                return Err(bad(
+                    "--disk",
+                    value,
+                    format!("unknown option {k:?} (expected ro, serial=S, overlay=FILE)"),
+                ))
+            }
+        }
+    }
+    if arg.read_only && arg.overlay.is_some() {
+        return Err(bad(
+            "--disk",
+            value,
+            "ro and overlay= exclude each other (an overlay is writable)",
+        ));
+    }
+    Ok(arg)
+}
+
+fn parse_net(value: &str) -> Result<NetArg, ArgsError> {
+    let mut tap = None;
+    let mut mac = None;
+    for (k, v) in value
+        .split(',')
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+    {
+        match k {
+            "tap" if !v.is_empty() => tap = Some(v.to_string()),
+            "mac" if !v.is_empty() => mac = Some(v.to_string()),
+            _ => {
+                return Err(bad(
+                    "--net",
+                    value,
+                    format!("unknown option {k:?} (expected tap=NAME[,mac=MAC])"),
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or_else(|| bad("--net", value, "tap=NAME is required"))?;
+    Ok(NetArg { tap, mac })
+}
+
+fn parse_vsock(value: &str) -> Result<VsockArg, ArgsError> {
+    let mut cid = None;
+    let mut socket = None;
+    for (k, v) in value
+        .split(',')
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+    {
+        match k {
+            "cid" => {
+                cid = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| bad("--vsock", value, format!("cid {v:?} is not a number")))?,
+                )
+            }
+            "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            _ => {
+                return Err(bad(
+                    "--vsock",
+                    value,
+                    format!("unknown option {k:?} (expected cid=N,socket=PATH)"),
+                ))
+            }
+        }
+    }
+    match (cid, socket) {
+        (Some(cid), Some(socket)) => Ok(VsockArg { cid, socket }),
+        _ => Err(bad(
+            "--vsock",
+            value,
+            "cid=N and socket=PATH are both required",
+        )),
+    }
 }
 
 fn number(option: &str, value: &str, min: u64, max: u64) -> Result<u64, ArgsError> {
@@ -78,6 +280,13 @@ pub fn parse(argv: &[String]) -> Result<Command, ArgsError> {
     let (cmd, rest) = argv.split_first().ok_or(ArgsError::NoCommand)?;
     match cmd.as_str() {
         "run" => parse_run(rest).map(Command::Run),
+        "convert" => match rest {
+            [input, output] => Ok(Command::Convert {
+                input: input.into(),
+                output: output.into(),
+            }),
+            _ => Err(ArgsError::ConvertArgs),
+        },
         "version" | "--version" | "-V" => Ok(Command::Version),
         "help" | "--help" | "-h" => Ok(Command::Help),
         other => Err(ArgsError::UnknownCommand(other.into())),
@@ -107,6 +316,10 @@ fn parse_run(argv: &[String]) -> Result<RunArgs, ArgsError> {
             // 0 passes parsing so that the VMM's own check reports it with its reason.
             "--cpus" => a.cpus = number(name, &value()?, 0, 255)? as u8,
             "--memory" => a.memory_mib = number(name, &value()?, 0, 1 << 30)?,
+            "--image" => a.image = Some(parse_image(&value()?)?),
+            "--disk" => a.disks.push(parse_disk(&value()?)?),
+            "--net" => a.nets.push(parse_net(&value()?)?),
+            "--vsock" => a.vsock = Some(parse_vsock(&value()?)?),
             "--help" | "-h" => return Err(ArgsError::UnknownOption(name.into())),
             other => return Err(ArgsError::UnknownOption(other.into())),
         }

@@ -8,15 +8,16 @@
 //! what failed and why, outermost first.
 
 mod args;
+mod convert;
 mod logger;
+mod run;
 
 use std::error::Error;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use args::{Command, RunArgs};
+use args::Command;
 
 /// Exit status for kestrel's own failures (bad input, no KVM…), as `docker run` uses.
 const EXIT_KESTREL_ERROR: u8 = 125;
@@ -54,51 +55,23 @@ fn main() -> ExitCode {
             println!("kestrel {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run(run) => match run_vm(run, start) {
+        Command::Convert { input, output } => match convert::run_convert(&input, &output) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kestrel: error: {}", chain(&e));
+                ExitCode::from(EXIT_KESTREL_ERROR)
+            }
+        },
+        Command::Run(run) => match run::run_vm(run, start) {
             Ok(status) => {
                 let _ = std::io::stdout().flush();
                 // Exit right away: the VM's threads are already joined.
                 std::process::exit(status)
             }
             Err(e) => {
-                eprintln!("kestrel: error: {}", chain(e.as_ref()));
+                eprintln!("kestrel: error: {}", chain(&e));
                 ExitCode::from(EXIT_KESTREL_ERROR)
             }
         },
     }
-}
-
-fn run_vm(run: RunArgs, start: Instant) -> Result<i32, Box<dyn Error>> {
-    let kernel = match run.kernel {
-        Some(k) => k,
-        None => vmm::assets::default_asset(vmm::assets::KERNEL)?,
-    };
-    let initrd = match run.initrd {
-        Some(i) => Some(i),
-        None if run.no_initrd => None,
-        None => Some(vmm::assets::default_asset(vmm::assets::INITRD)?),
-    };
-    let mut config = vmm::VmConfig::new(kernel);
-    config.start_time = start;
-    config.initrd = initrd;
-    if let Some(c) = run.cmdline {
-        config.cmdline = c;
-    }
-    config.vcpus = run.cpus;
-    config.memory_mib = run.memory_mib;
-    config.console_in = std::io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .ok()
-        .map(std::fs::File::from);
-    config.on_boot = Some(Box::new(|elapsed| {
-        eprintln!("kestrel: guest boot time {:.1} ms (from kestrel start to the guest's boot-timer write)", elapsed.as_secs_f64() * 1000.0);
-    }));
-    let handle = vmm::start_vm(config)?;
-    let exit = handle.wait();
-    match &exit {
-        vmm::VmExit::Exited(0) => {}
-        other => eprintln!("kestrel: {other}"),
-    }
-    Ok(exit.status())
 }
