@@ -742,6 +742,10 @@ fn run(opts: &Options) -> Result<bool, String> {
     let ok = tiny_payload(opts, &kestrel, qemu.as_deref(), &work)?;
     linux_boot(opts, &host, &kestrel, qemu.as_deref(), &work)?;
     println!();
-    println!("All numbers above were measured in this run; ratios < 1 mean kestrel is cheaper.");
+    println!(
+        "All numbers above were measured in this run; ratios < 1 mean kestrel is cheaper. \
+         loadavg at end: {}",
+        HostFacts::probe().loadavg
+    );
     Ok(ok)
 }
