@@ -241,22 +241,29 @@ pub(crate) fn add_core_subscribers(
 }
 
 impl VmmThread {
-    /// Runs the loop until the VM must stop; then stops the vCPUs and reports.
-    pub fn run(mut self) -> VmExit {
-        while !self.exit.stopping() {
-            if let Err(e) = self.manager.run() {
-                self.exit
-                    .request(VmExit::Crashed(format!("the VMM event loop failed: {e}")));
+    /// Runs the loop until the VM must stop; then stops the vCPUs, closes every device's
+    /// host side (so the console's output reaches EOF) and reports.
+    pub fn run(self) -> VmExit {
+        let VmmThread {
+            mut manager,
+            exit,
+            vcpus,
+            on_exit,
+        } = self;
+        while !exit.stopping() {
+            if let Err(e) = manager.run() {
+                exit.request(VmExit::Crashed(format!("the VMM event loop failed: {e}")));
             }
         }
-        for v in &self.vcpus {
+        for v in &vcpus {
             v.kick();
         }
-        for v in self.vcpus.drain(..) {
+        for v in vcpus {
             v.join();
         }
-        let reason = self.exit.reason().unwrap_or(VmExit::Stopped);
-        if let Some(cb) = self.on_exit.take() {
+        drop(manager);
+        let reason = exit.reason().unwrap_or(VmExit::Stopped);
+        if let Some(cb) = on_exit {
             cb(&reason);
         }
         reason
