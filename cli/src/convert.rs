@@ -209,7 +209,7 @@ impl Progress {
                 self.drew = true;
                 let _ = write!(
                     err,
-                    "\rconverting: {pct:5.1}%  {} / {}  {rate:7.1} MiB/s ",
+                    "\rconverting: {pct:5.1}%  {:>10} / {}  {rate:7.1} MiB/s ",
                     human(done),
                     human(total)
                 );

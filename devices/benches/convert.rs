@@ -90,6 +90,7 @@ fn main() {
         let run_ours = |durable: bool| {
             let _ = fs::remove_file(&ours_out);
             drop_caches();
+            let cpu = cpu_ticks();
             let t = Instant::now();
             let input = File::open(&q).expect("open input");
             let format = detect_format(&input).expect("detect");
@@ -104,11 +105,15 @@ fn main() {
             if durable {
                 output.sync_data().expect("fdatasync");
             }
-            t.elapsed()
+            Sample {
+                wall: t.elapsed(),
+                cpu: ticks(cpu_ticks().0 - cpu.0),
+            }
         };
         let run_theirs = |durable: bool| {
             let _ = fs::remove_file(&theirs_out);
             drop_caches();
+            let cpu = cpu_ticks();
             let t = Instant::now();
             qemu_img(&[
                 "convert",
@@ -124,7 +129,10 @@ fn main() {
                     .and_then(|f| f.sync_data())
                     .expect("fdatasync");
             }
-            t.elapsed()
+            Sample {
+                wall: t.elapsed(),
+                cpu: ticks(cpu_ticks().1 - cpu.1),
+            }
         };
         // One untimed round of each first (the virtual disk's host-side cache makes the
         // first read of a new file slower), then alternate which tool goes first.
@@ -142,7 +150,7 @@ fn main() {
                     ours.push(run_ours(durable));
                 }
             }
-            results.push((durable, median(ours), median(theirs)));
+            results.push((durable, Summary::of(ours), Summary::of(theirs)));
         }
         let same = files_equal(&ours_out, &theirs_out);
         let alloc = |p: &Path| fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
@@ -156,19 +164,21 @@ fn main() {
                     "default (no sync)"
                 }
             );
+            for (name, r) in [("kestrel ", &ours), ("qemu-img", &theirs)] {
+                println!(
+                    "    {name}  wall median {:>6.3} s (min {:.3}, max {:.3})  {:>7.1} MiB/s  cpu median {:.2} s",
+                    r.median.as_secs_f64(),
+                    r.min.as_secs_f64(),
+                    r.max.as_secs_f64(),
+                    size_mib as f64 / r.median.as_secs_f64(),
+                    r.cpu.as_secs_f64()
+                );
+            }
             println!(
-                "    kestrel   {:>8.3} s  {:>7.1} MiB/s",
-                ours.as_secs_f64(),
-                size_mib as f64 / ours.as_secs_f64()
-            );
-            println!(
-                "    qemu-img  {:>8.3} s  {:>7.1} MiB/s",
-                theirs.as_secs_f64(),
-                size_mib as f64 / theirs.as_secs_f64()
-            );
-            println!(
-                "    ratio kestrel/qemu-img = {:.2}x (target <= 1.00x)",
-                ours.as_secs_f64() / theirs.as_secs_f64()
+                "    ratio kestrel/qemu-img: wall median {:.2}x, wall min {:.2}x, cpu {:.2}x (target <= 1.00x)",
+                ours.median.as_secs_f64() / theirs.median.as_secs_f64(),
+                ours.min.as_secs_f64() / theirs.min.as_secs_f64(),
+                ours.cpu.as_secs_f64() / theirs.cpu.as_secs_f64().max(0.001)
             );
         }
         println!(
@@ -217,9 +227,53 @@ fn drop_caches() -> bool {
     fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
 }
 
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
+struct Sample {
+    wall: Duration,
+    cpu: Duration,
+}
+
+struct Summary {
+    median: Duration,
+    min: Duration,
+    max: Duration,
+    /// Median CPU time (user + system), in /proc's 10 ms ticks.
+    cpu: Duration,
+}
+
+impl Summary {
+    fn of(samples: Vec<Sample>) -> Self {
+        let mut wall: Vec<Duration> = samples.iter().map(|s| s.wall).collect();
+        let mut cpu: Vec<Duration> = samples.iter().map(|s| s.cpu).collect();
+        wall.sort();
+        cpu.sort();
+        Summary {
+            median: wall[wall.len() / 2],
+            min: wall[0],
+            max: wall[wall.len() - 1],
+            cpu: cpu[cpu.len() / 2],
+        }
+    }
+}
+
+/// (this process's user+system ticks, its waited-for children's user+system ticks),
+/// from /proc/self/stat (fields 14-17, in USER_HZ = 100 ticks per second).
+fn cpu_ticks() -> (u64, u64) {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    if f.len() < 4 {
+        return (0, 0);
+    }
+    (f[0] + f[1], f[2] + f[3])
+}
+
+fn ticks(n: u64) -> Duration {
+    Duration::from_millis(n * 10)
 }
 
 fn files_equal(a: &Path, b: &Path) -> bool {
