@@ -9,6 +9,7 @@ PACKAGES=(
   # tests: payload assembly uses cc/ld/objcopy (binutils); image cross-checks use qemu-img
   binutils qemu-utils python3
   containerd runc containernetworking-plugins busybox-static e2fsprogs dosfstools  # containerd tests, tests/images
+  mtools cloud-init  # seed/: cross-checks of the NoCloud seed with mtools and Debian's cloud-init
 )
 
 missing=()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs kestrel where containerd finds it:
+#   $PREFIX/bin/containerd-shim-kestrel-v2   (on containerd's PATH: runtime io.containerd.kestrel.v2)
+#   $PREFIX/bin/kestrel                      (the CLI)
+#   $PREFIX/share/kestrel/{vmlinux,bzImage,initramfs.cpio}   (the guest assets)
+# and prints the containerd configuration that registers the runtime for CRI/Kubernetes.
+# PREFIX defaults to /usr/local. Builds what is missing first (the guest kernel is cached).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+PREFIX="${PREFIX:-/usr/local}"
+
+scripts/install-deps.sh
+scripts/build-guest.sh >/dev/null
+echo "install: building kestrel (release)" >&2
+cargo build --release --quiet -p kestrel -p kestrel-shim
+
+install -d "$PREFIX/bin" "$PREFIX/share/kestrel"
+install -m 0755 "$CARGO_TARGET_DIR/release/containerd-shim-kestrel-v2" "$PREFIX/bin/"
+install -m 0755 "$CARGO_TARGET_DIR/release/kestrel" "$PREFIX/bin/"
+for a in vmlinux bzImage initramfs.cpio; do
+  install -m 0644 "$(readlink -f "$KESTREL_ASSETS/$a")" "$PREFIX/share/kestrel/$a"
+done
+echo "install: $PREFIX/bin/containerd-shim-kestrel-v2, $PREFIX/bin/kestrel, $PREFIX/share/kestrel/" >&2
+
+cat <<'SNIPPET'
+# kestrel is installed. `ctr run --runtime io.containerd.kestrel.v2 ...` works as is.
+# For CRI (Kubernetes RuntimeClass handler "kestrel"), add to containerd's config.toml:
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kestrel]
+  runtime_type = "io.containerd.kestrel.v2"
+  pod_annotations = ["io.kestrel.*"]
+  container_annotations = ["io.kestrel.*"]
+SNIPPET
