@@ -58,13 +58,6 @@ fn open_disk(d: &DiskArg) -> Result<Box<dyn DiskBackend>, RunError> {
     })
 }
 
-fn append(cmdline: &mut String, arg: &str) {
-    if !cmdline.is_empty() {
-        cmdline.push(' ');
-    }
-    cmdline.push_str(arg);
-}
-
 /// Boots the VM described by `run` and returns the guest's exit status.
 pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
     let kernel = match run.kernel {
@@ -112,7 +105,7 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
         if last.is_some() {
             eprintln!();
         }
-        append(
+        vmm::config::append_cmdline(
             &mut config.cmdline,
             &format!("root={} rw", prepared.root_device),
         );

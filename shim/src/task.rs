@@ -538,9 +538,13 @@ async fn send(control: &ControlSender, action: VmAction, id: &str) -> Result<(),
 pub fn kernel_cmdline(vm: &VmSpec, root_device: &str) -> String {
     let root = vm.root.as_deref().unwrap_or(root_device);
     let mut c = format!("{} root={root} rw", vmm::DEFAULT_CMDLINE);
-    if let Some(extra) = vm.extra_cmdline.as_deref().filter(|e| !e.trim().is_empty()) {
-        c.push(' ');
-        c.push_str(extra.trim());
+    if let Some(extra) = vm
+        .extra_cmdline
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        vmm::config::append_cmdline(&mut c, extra);
     }
     c
 }

@@ -1,7 +1,8 @@
 //! Where kestrel's guest kernel and initramfs are found when the caller does not say
 //! (shared by the CLI, the shim and the tests).
 //!
-//! In order: `$KESTREL_ASSETS`, `/usr/local/share/kestrel` (what the installer writes),
+//! `$KESTREL_ASSETS` when it is set (and then only there); otherwise
+//! `/usr/local/share/kestrel` (what `scripts/install.sh` writes), then
 //! `~/.cache/kestrel/assets` (what `scripts/build-guest.sh` writes).
 
 use std::path::PathBuf;
@@ -17,11 +18,10 @@ pub struct AssetError {
 }
 
 pub fn search_dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
     if let Some(d) = std::env::var_os("KESTREL_ASSETS") {
-        dirs.push(PathBuf::from(d));
+        return vec![PathBuf::from(d)];
     }
-    dirs.push(PathBuf::from("/usr/local/share/kestrel"));
+    let mut dirs = vec![PathBuf::from("/usr/local/share/kestrel")];
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(PathBuf::from(home).join(".cache/kestrel/assets"));
     }

@@ -178,10 +178,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     }
     let mut cmdline = config.cmdline.clone();
     for entry in device_manager.cmdline_entries() {
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(entry);
+        config::append_cmdline(&mut cmdline, entry);
     }
     if cpuid::host_is_kvm_pvm() {
         // kvm_pvm ignores CPUID feature masks; tell the guest kernel instead.
@@ -189,10 +186,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
             "kvm_pvm host: adding `{}` to the kernel command line",
             cpuid::PVM_KERNEL_PARAMS
         );
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(cpuid::PVM_KERNEL_PARAMS);
+        config::append_cmdline(&mut cmdline, cpuid::PVM_KERNEL_PARAMS);
     }
     boot::write_cmdline(mem, &cmdline)?;
     boot::write_boot_info(mem, &kernel, cmdline.len(), initrd, mem_size, config.vcpus)?;

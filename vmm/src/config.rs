@@ -20,6 +20,14 @@ pub type OnBoot = Box<dyn FnOnce(Duration) + Send>;
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd nomodule tsc=reliable";
 
+/// Appends `arg` to a kernel command line, space-separated.
+pub fn append_cmdline(cmdline: &mut String, arg: &str) {
+    if !cmdline.is_empty() {
+        cmdline.push(' ');
+    }
+    cmdline.push_str(arg);
+}
+
 /// A VM to build and start.
 pub struct VmConfig {
     /// ELF vmlinux (PVH or 64-bit entry) or bzImage.

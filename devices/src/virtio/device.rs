@@ -155,3 +155,39 @@ mod tests {
         assert_eq!(intr.status(), interrupt::CONFIG_CHANGE);
     }
 }
+
+/// Serves a driver's read of a device's configuration space from `config`: bytes past its
+/// end (or an offset that does not fit) read as zeroes. Offsets and lengths come from the
+/// guest.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(src) = usize::try_from(offset)
+        .ok()
+        .and_then(|start| config.get(start..))
+    else {
+        return;
+    };
+    for (dst, src) in data.iter_mut().zip(src) {
+        *dst = *src;
+    }
+}
+
+#[cfg(test)]
+mod config_space_tests {
+    use super::read_config_space;
+
+    #[test]
+    fn reads_inside_partly_past_and_past_the_end() {
+        let config = [1u8, 2, 3, 4];
+        let mut b = [9u8; 2];
+        read_config_space(&config, 1, &mut b);
+        assert_eq!(b, [2, 3]);
+        let mut b = [9u8; 4];
+        read_config_space(&config, 2, &mut b);
+        assert_eq!(b, [3, 4, 0, 0]);
+        read_config_space(&config, 8, &mut b);
+        assert_eq!(b, [0; 4]);
+        read_config_space(&config, u64::MAX, &mut b);
+        assert_eq!(b, [0; 4]);
+    }
+}

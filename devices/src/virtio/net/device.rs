@@ -45,7 +45,8 @@ use super::{
     ETH_HLEN, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET, QUEUE_SIZE, RX_INDEX, TX_INDEX, VNET_HDR_LEN,
 };
 use crate::virtio::device::{
-    ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    read_config_space, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt,
 };
 use crate::virtio::{device_id, features, RateLimitedLog};
 
@@ -719,15 +720,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let src = self.config.get(start..).unwrap_or_default();
-        let n = src.len().min(data.len());
-        if let (Some(dst), Some(src)) = (data.get_mut(..n), src.get(..n)) {
-            dst.copy_from_slice(src);
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

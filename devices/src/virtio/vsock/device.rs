@@ -26,7 +26,8 @@ use super::muxer::{Muxer, MuxerError};
 use super::packet::{self, TxLimits};
 use super::{VsockLimits, HOST_CID, MAX_PKT_LEN, NUM_QUEUES, QUEUE_SIZE, RXQ, TXQ};
 use crate::virtio::device::{
-    ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    read_config_space, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt,
 };
 use crate::virtio::{device_id, features, RateLimitedLog};
 
@@ -373,16 +374,7 @@ impl VirtioDevice for Vsock {
 
     /// `struct virtio_vsock_config`: `le64 guest_cid`.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.cid.to_le_bytes();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let src = config.get(start..).unwrap_or_default();
-        let n = src.len().min(data.len());
-        if let (Some(dst), Some(src)) = (data.get_mut(..n), src.get(..n)) {
-            dst.copy_from_slice(src);
-        }
+        read_config_space(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
