@@ -39,7 +39,10 @@ struct Error {
 
 impl Error {
     fn new(what: impl Into<String>, cause: io::Error) -> Self {
-        Self { what: what.into(), cause }
+        Self {
+            what: what.into(),
+            cause,
+        }
     }
 }
 
@@ -61,7 +64,12 @@ mod sys {
     use std::io;
 
     /// `mount(2)` without data.
-    pub fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong) -> io::Result<()> {
+    pub fn mount(
+        source: &CStr,
+        target: &CStr,
+        fstype: &CStr,
+        flags: libc::c_ulong,
+    ) -> io::Result<()> {
         // SAFETY: all pointers come from live `CStr`s (NUL-terminated, valid for the call);
         // a null `data` pointer is allowed by mount(2).
         let rc = unsafe {
@@ -89,9 +97,24 @@ mod sys {
 }
 
 /// The pseudo file systems PID 1 mounts: (source, target, type, flags).
-const MOUNTS: [(&std::ffi::CStr, &std::ffi::CStr, &std::ffi::CStr, libc::c_ulong); 3] = [
-    (c"proc", c"/proc", c"proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
-    (c"sysfs", c"/sys", c"sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+const MOUNTS: [(
+    &std::ffi::CStr,
+    &std::ffi::CStr,
+    &std::ffi::CStr,
+    libc::c_ulong,
+); 3] = [
+    (
+        c"proc",
+        c"/proc",
+        c"proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ),
+    (
+        c"sysfs",
+        c"/sys",
+        c"sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ),
     (c"devtmpfs", c"/dev", c"devtmpfs", libc::MS_NOSUID),
 ];
 
@@ -149,7 +172,10 @@ fn read_file(path: &str) -> Result<String, Error> {
 fn invalid(path: &str, text: &str) -> Error {
     Error::new(
         format!("parse {path}"),
-        io::Error::new(io::ErrorKind::InvalidData, format!("unexpected contents {text:?}")),
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected contents {text:?}"),
+        ),
     )
 }
 
@@ -160,8 +186,11 @@ fn system_report() -> Result<String, Error> {
     let online = read_file(ONLINE)?;
     let cpus = count_cpu_list(&online).ok_or_else(|| invalid(ONLINE, &online))?;
     let meminfo = read_file(MEMINFO)?;
-    let memory_kib = mem_total_kib(&meminfo).ok_or_else(|| invalid(MEMINFO, "(no MemTotal line)"))?;
-    Ok(format!("kestrel-agent: cpus={cpus} memory_kib={memory_kib}\n"))
+    let memory_kib =
+        mem_total_kib(&meminfo).ok_or_else(|| invalid(MEMINFO, "(no MemTotal line)"))?;
+    Ok(format!(
+        "kestrel-agent: cpus={cpus} memory_kib={memory_kib}\n"
+    ))
 }
 
 /// Where the agent's lines go: stdout, which the kernel connects to `/dev/console` (the
@@ -181,7 +210,10 @@ impl Console {
             return;
         }
         let mut stdout = io::stdout().lock();
-        let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) else {
+        let Err(e) = stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+        else {
             return;
         };
         drop(stdout);
