@@ -14,7 +14,9 @@
 //! closes a FIFO hangs `ctr` forever (docs/containerd.md, pitfall 7). A call that times out
 //! is killed; its `Output` has the signal status and a note at the end of stderr.
 //!
-//! Dropping the fixture stops containerd (SIGTERM, SIGKILL after 10 s), kills (SIGKILL)
+//! Dropping the fixture first removes every task (`ctr task kill -s SIGKILL`, `task rm -f`)
+//! and container left in any namespace, so shims clean up their own state even after a
+//! failed test; then it stops containerd (SIGTERM, SIGKILL after 10 s), kills (SIGKILL)
 //! the shims it started — any process with an argument under the fixture's directory,
 //! such as `-address <dir>/containerd.sock` — and whatever still runs in a bundle there,
 //! removes their sockets in `/run/containerd/s`, unmounts what is left mounted under the
@@ -80,7 +82,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StartError {
 /// `name` on `PATH`, if it is there.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// True when Debian's `containerd` and `ctr` are installed.
@@ -128,13 +132,19 @@ impl Builder {
             ctr,
             child: None,
         };
-        for sub in ["root", "state", "bin", "cni/conf", "cni/ipam", "opt", "logs"] {
-            fs::create_dir_all(dir.join(sub)).map_err(io_err(format!("create {}/{sub}", dir.display())))?;
+        for sub in [
+            "root", "state", "bin", "cni/conf", "cni/ipam", "opt", "logs",
+        ] {
+            fs::create_dir_all(dir.join(sub))
+                .map_err(io_err(format!("create {}/{sub}", dir.display())))?;
         }
         fs::write(dir.join("config.toml"), config_toml(&dir))
             .map_err(io_err("write config.toml"))?;
-        fs::write(dir.join("cni/conf/10-kestrel-test.conflist"), cni_conflist(&dir))
-            .map_err(io_err("write the CNI configuration"))?;
+        fs::write(
+            dir.join("cni/conf/10-kestrel-test.conflist"),
+            cni_conflist(&dir),
+        )
+        .map_err(io_err("write the CNI configuration"))?;
         if let Some(shim) = &self.shim {
             let shim = fs::canonicalize(shim).map_err(io_err(format!("{}", shim.display())))?;
             std::os::unix::fs::symlink(&shim, dir.join("bin").join(crate::SHIM_NAME))
@@ -142,9 +152,14 @@ impl Builder {
         }
         let mut path = vec![dir.join("bin")];
         path.extend(self.path_prepend.iter().cloned());
-        path.extend(std::env::var_os("PATH").map_or_else(Vec::new, |p| std::env::split_paths(&p).collect()));
+        path.extend(
+            std::env::var_os("PATH").map_or_else(Vec::new, |p| std::env::split_paths(&p).collect()),
+        );
         let path = std::env::join_paths(path).map_err(|e| {
-            StartError::Io("build PATH".into(), io::Error::new(io::ErrorKind::InvalidInput, e))
+            StartError::Io(
+                "build PATH".into(),
+                io::Error::new(io::ErrorKind::InvalidInput, e),
+            )
         })?;
 
         let log = fs::File::create(fixture.log_path()).map_err(io_err("create the log"))?;
@@ -160,7 +175,10 @@ impl Builder {
             .stderr(log2)
             // Its own process group: a ^C of the test run does not reach it first.
             .process_group(0);
-        fixture.child = Some(cmd.spawn().map_err(io_err(format!("spawn {}", containerd.display())))?);
+        fixture.child = Some(
+            cmd.spawn()
+                .map_err(io_err(format!("spawn {}", containerd.display())))?,
+        );
 
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -237,7 +255,10 @@ impl Containerd {
 
     /// The bundle directory of task `id` in [`NAMESPACE`].
     pub fn bundle_dir(&self, id: &str) -> PathBuf {
-        self.state_dir().join("io.containerd.runtime.v2.task").join(NAMESPACE).join(id)
+        self.state_dir()
+            .join("io.containerd.runtime.v2.task")
+            .join(NAMESPACE)
+            .join(id)
     }
 
     /// The daemon's stdout and stderr (with the shims' logs at debug level).
@@ -247,14 +268,19 @@ impl Containerd {
 
     /// The daemon's log.
     pub fn log(&self) -> String {
-        fs::read(self.log_path()).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        fs::read(self.log_path())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// The last `n` lines of the daemon's log.
     pub fn log_tail(&self, n: usize) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
-        lines.get(lines.len().saturating_sub(n)..).unwrap_or_default().join("\n")
+        lines
+            .get(lines.len().saturating_sub(n)..)
+            .unwrap_or_default()
+            .join("\n")
     }
 
     /// The daemon's process id.
@@ -288,7 +314,11 @@ impl Containerd {
     /// captured); for a `ctr run` that another thread interrupts with `ctr task kill`.
     pub fn ctr_spawn(&self, args: &[&str]) -> Background {
         let mut cmd = Command::new(&self.ctr);
-        cmd.arg("-a").arg(&self.socket).arg("-n").arg(NAMESPACE).args(args);
+        cmd.arg("-a")
+            .arg(&self.socket)
+            .arg("-n")
+            .arg(NAMESPACE)
+            .args(args);
         Background::spawn(cmd)
     }
 
@@ -305,9 +335,16 @@ impl Containerd {
     /// tests/images/mkoci.py); panics on failure.
     pub fn import(&self, image_tar: &Path, namespace: &str) {
         let tar = image_tar.to_string_lossy();
-        let out = self.ctr_in(namespace, &["image", "import", &tar], Duration::from_secs(300));
+        let out = self.ctr_in(
+            namespace,
+            &["image", "import", &tar],
+            Duration::from_secs(300),
+        );
         if !out.status.success() {
-            panic!("`ctr -n {namespace} image import {tar}` failed: {}", describe(&out));
+            panic!(
+                "`ctr -n {namespace} image import {tar}` failed: {}",
+                describe(&out)
+            );
         }
     }
 
@@ -325,12 +362,18 @@ impl Containerd {
 
     /// IDs of the containers in [`NAMESPACE`] (`ctr container ls -q`).
     pub fn containers(&self) -> Vec<String> {
-        self.ctr_ok(&["container", "ls", "-q"]).lines().map(str::to_owned).collect()
+        self.ctr_ok(&["container", "ls", "-q"])
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The status of task `id` (`RUNNING`, `STOPPED`, ...), `None` without such a task.
     pub fn task_status(&self, id: &str) -> Option<String> {
-        self.tasks().into_iter().find(|(t, _)| t == id).map(|(_, s)| s)
+        self.tasks()
+            .into_iter()
+            .find(|(t, _)| t == id)
+            .map(|(_, s)| s)
     }
 
     /// Polls until task `id` is `STOPPED` or gone; false on timeout.
@@ -353,7 +396,11 @@ impl Containerd {
         processes()
             .into_iter()
             .filter(|p| Some(p.pid) != self.pid())
-            .filter(|p| p.args.iter().any(|a| a.as_bytes().starts_with(dir) || contains(a.as_bytes(), dir)))
+            .filter(|p| {
+                p.args
+                    .iter()
+                    .any(|a| a.as_bytes().starts_with(dir) || contains(a.as_bytes(), dir))
+            })
             .collect()
     }
 
@@ -363,18 +410,51 @@ impl Containerd {
         self.shim_processes()
             .into_iter()
             .find(|p| {
-                let name = p.args.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_owned());
+                let name = p
+                    .args
+                    .first()
+                    .map(|a| Path::new(a).file_name().unwrap_or_default().to_owned());
                 let is_kestrel = name.as_deref() == Some(OsStr::new(crate::SHIM_NAME))
-                    || p.exe.as_ref().and_then(|e| e.file_name()) == Some(OsStr::new(crate::SHIM_NAME));
-                let has_id = p.args.windows(2).any(|w| matches!(w, [a, b] if a == "-id" && b == id));
+                    || p.exe.as_ref().and_then(|e| e.file_name())
+                        == Some(OsStr::new(crate::SHIM_NAME));
+                let has_id = p
+                    .args
+                    .windows(2)
+                    .any(|w| matches!(w, [a, b] if a == "-id" && b == id));
                 let action = p.args.last().is_some_and(|a| a == "start" || a == "delete");
                 is_kestrel && has_id && !action
             })
             .map(|p| p.pid)
     }
 
+    /// Removes every task and container through containerd, so shims clean up after
+    /// themselves (overlays, sockets) even when a test failed half-way. Best effort.
+    fn remove_all(&self) {
+        let quick = Duration::from_secs(30);
+        let list = |ns: &str, args: &[&str]| -> Vec<String> {
+            let out = self.ctr_in(ns, args, quick);
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        };
+        for ns in list("", &["namespaces", "ls", "-q"]) {
+            for line in list(&ns, &["task", "ls"]).iter().skip(1) {
+                if let Some(id) = line.split_whitespace().next() {
+                    self.ctr_in(&ns, &["task", "kill", "-s", "SIGKILL", id], quick);
+                    self.ctr_in(&ns, &["task", "rm", "-f", id], quick);
+                }
+            }
+            for id in list(&ns, &["container", "ls", "-q"]) {
+                self.ctr_in(&ns, &["container", "rm", &id], quick);
+            }
+        }
+    }
+
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         signal(child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -436,7 +516,9 @@ impl Containerd {
         let mut tasks = std::collections::BTreeSet::new();
         for (i, _) in log.match_indices(MARK) {
             let rest = log.get(i + MARK.len()..).unwrap_or_default();
-            let end = rest.find(|c: char| c.is_whitespace() || c == '"' || c == '\\').unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == '"' || c == '\\')
+                .unwrap_or(rest.len());
             let mut parts = rest.get(..end).unwrap_or_default().split('/');
             if let (Some(ns), Some(id)) = (parts.next(), parts.next()) {
                 if !ns.is_empty() && !id.is_empty() {
@@ -453,7 +535,9 @@ impl Containerd {
     }
 
     fn unmount_leftovers(&self) {
-        let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else { return };
+        let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
         let mut points: Vec<PathBuf> = mountinfo
             .lines()
             .filter_map(|l| l.split(' ').nth(4))
@@ -479,6 +563,13 @@ impl Drop for Containerd {
                 self.log_tail(80)
             );
         }
+        if self
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        {
+            self.remove_all();
+        }
         self.stop();
         self.kill_leftovers();
         self.remove_stale_shim_sockets();
@@ -488,7 +579,10 @@ impl Drop for Containerd {
             return;
         }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("cannot remove the containerd fixture {}: {e}", self.dir.display());
+            eprintln!(
+                "cannot remove the containerd fixture {}: {e}",
+                self.dir.display()
+            );
         }
     }
 }
@@ -574,7 +668,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: kill(2) takes no pointers; a stale pid at worst gets ESRCH.
     unsafe { libc::kill(pid, sig) };
 }
@@ -582,7 +678,9 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// True while `/proc/<pid>` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -606,7 +704,9 @@ fn unescape_mount_path(field: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while let Some(&c) = b.get(i) {
-        let octal = b.get(i + 1..i + 4).filter(|o| c == b'\\' && o.iter().all(|d| (b'0'..=b'7').contains(d)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|o| c == b'\\' && o.iter().all(|d| (b'0'..=b'7').contains(d)));
         if let Some(o) = octal {
             let v = o.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
             out.push(u8::try_from(v).unwrap_or(b'?'));
@@ -631,7 +731,9 @@ pub struct Process {
 /// Every process whose `/proc/<pid>` we can read (kernel threads have no arguments and
 /// are left out).
 pub fn processes() -> Vec<Process> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| {
             let e = e.ok()?;
@@ -693,7 +795,9 @@ impl Captured {
 
     fn push(&self, data: &[u8]) {
         let (m, cv) = &*self.0;
-        m.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(data);
+        m.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(data);
         cv.notify_all();
     }
 
@@ -720,7 +824,10 @@ impl Captured {
             if now >= deadline {
                 return false;
             }
-            buf = cv.wait_timeout(buf, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            buf = cv
+                .wait_timeout(buf, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -737,8 +844,12 @@ pub struct Background {
 impl Background {
     /// Spawns `cmd` (stdin null); panics if it cannot be spawned.
     pub fn spawn(mut cmd: Command) -> Self {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
         let stdout = Captured::default();
         let stderr = Captured::default();
         let mut readers = Vec::new();
@@ -748,7 +859,12 @@ impl Background {
         if let Some(e) = child.stderr.take() {
             readers.push(stderr.reader(e));
         }
-        Background { child, stdout, stderr, readers }
+        Background {
+            child,
+            stdout,
+            stderr,
+            readers,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -771,7 +887,10 @@ impl Background {
     /// Kills the child (SIGKILL) and returns what it wrote.
     pub fn kill(mut self) -> Output {
         let _ = self.child.kill();
-        let status = self.child.wait().unwrap_or_else(|_| ExitStatus::from_raw(9));
+        let status = self
+            .child
+            .wait()
+            .unwrap_or_else(|_| ExitStatus::from_raw(9));
         self.finish(status)
     }
 
@@ -781,14 +900,18 @@ impl Background {
         while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        Output { status, stdout: self.stdout.bytes(), stderr: self.stderr.bytes() }
+        Output {
+            status,
+            stdout: self.stdout.bytes(),
+            stderr: self.stderr.bytes(),
+        }
     }
 }
 
 /// A FIFO whose content is captured by a thread: pass [`ConsoleFifo::path`] as
 /// `ctr run -d --log-uri <path>` and the shim writes the task's stdout (the VM console)
 /// into it. The reader opens the FIFO blocking, so it waits for the shim, and reads until
-/// the shim closes it.
+/// the shim closes it. Mind that a guest's serial console ends lines with CR LF.
 #[derive(Debug)]
 pub struct ConsoleFifo {
     path: PathBuf,
@@ -814,7 +937,11 @@ impl ConsoleFifo {
                 let _ = out.reader(f).join();
             }
         });
-        ConsoleFifo { path, output, thread: Some(thread) }
+        ConsoleFifo {
+            path,
+            output,
+            thread: Some(thread),
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -50,7 +50,10 @@ fn run_script(name: &str) -> Result<Vec<PathBuf>, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from).collect())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect())
 }
 
 /// Builds (or finds in the cache) the containerDisk test image; panics with the script's
@@ -80,7 +83,10 @@ pub fn busybox() -> &'static Path {
     static ARCHIVE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let built = ARCHIVE.get_or_init(|| {
         let paths = run_script("build-busybox.sh")?;
-        paths.into_iter().next().ok_or_else(|| "build-busybox.sh printed nothing".to_owned())
+        paths
+            .into_iter()
+            .next()
+            .ok_or_else(|| "build-busybox.sh printed nothing".to_owned())
     });
     match built {
         Ok(p) => p,

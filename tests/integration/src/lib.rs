@@ -26,7 +26,11 @@ pub fn workspace_root() -> PathBuf {
 pub fn target_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);
-        return if dir.is_absolute() { dir } else { workspace_root().join(dir) };
+        return if dir.is_absolute() {
+            dir
+        } else {
+            workspace_root().join(dir)
+        };
     }
     std::env::current_exe()
         .ok()
@@ -52,8 +56,10 @@ pub fn shim_binary() -> Result<PathBuf, String> {
         };
     }
     let target = target_dir();
-    let candidates: Vec<PathBuf> =
-        ["debug", "release"].iter().map(|p| target.join(p).join(SHIM_NAME)).collect();
+    let candidates: Vec<PathBuf> = ["debug", "release"]
+        .iter()
+        .map(|p| target.join(p).join(SHIM_NAME))
+        .collect();
     candidates
         .iter()
         .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p)))
@@ -63,7 +69,11 @@ pub fn shim_binary() -> Result<PathBuf, String> {
             format!(
                 "the kestrel shim is not built: none of {} exists (build it with \
                  `cargo build -p kestrel-shim` or point KESTREL_SHIM at the binary)",
-                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         })
 }

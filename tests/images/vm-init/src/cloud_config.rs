@@ -58,7 +58,12 @@ pub fn file_content(user_data: &str, wanted: &str) -> Result<Option<String>, Par
     };
     for item in list_items(&lines, start + 1) {
         let fields = mapping(&item)?;
-        let get = |key: &str| fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let get = |key: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
         if get("path") != Some(wanted) {
             continue;
         }
@@ -72,7 +77,9 @@ pub fn file_content(user_data: &str, wanted: &str) -> Result<Option<String>, Par
                         .map_err(|_| ParseError(format!("{wanted}: content is not UTF-8")))
                 })
                 .map(Some),
-            Some(other) => Err(ParseError(format!("{wanted}: unsupported encoding {other:?}"))),
+            Some(other) => Err(ParseError(format!(
+                "{wanted}: unsupported encoding {other:?}"
+            ))),
         };
     }
     Ok(None)
@@ -103,7 +110,10 @@ fn list_items(lines: &[&str], from: usize) -> Vec<Item> {
             Some(_) => {}
         }
         if starts_item && Some(col) == dash_column {
-            items.push(vec![(n, format!("{} {}", " ".repeat(col), rest.get(1..).unwrap_or("")))]);
+            items.push(vec![(
+                n,
+                format!("{} {}", " ".repeat(col), rest.get(1..).unwrap_or("")),
+            )]);
         } else if let Some(item) = items.last_mut() {
             item.push((n, (*line).to_owned()));
         }
@@ -113,7 +123,11 @@ fn list_items(lines: &[&str], from: usize) -> Vec<Item> {
 
 /// The `key: value` pairs of one item (nested mappings and lists are skipped).
 fn mapping(item: &Item) -> Result<Vec<(String, String)>, ParseError> {
-    let Some(column) = item.iter().find(|(_, l)| !is_blank(l)).map(|(_, l)| indent(l)) else {
+    let Some(column) = item
+        .iter()
+        .find(|(_, l)| !is_blank(l))
+        .map(|(_, l)| indent(l))
+    else {
         return Ok(Vec::new());
     };
     let mut fields = Vec::new();
@@ -182,7 +196,9 @@ fn block_scalar(header: &str, block: &[(usize, String)]) -> Result<String, Strin
 /// A plain or quoted one-line scalar.
 fn scalar(raw: &str) -> Result<String, String> {
     if let Some(body) = raw.strip_prefix('\'') {
-        let end = body.rfind('\'').ok_or("unterminated single-quoted string")?;
+        let end = body
+            .rfind('\'')
+            .ok_or("unterminated single-quoted string")?;
         return Ok(body.get(..end).unwrap_or("").replace("''", "'"));
     }
     if let Some(body) = raw.strip_prefix('"') {
@@ -249,7 +265,10 @@ mod tests {
             file_content(doc, ENV).unwrap().as_deref(),
             Some("FOO=bar\nVM_INIT_EXIT=3\n")
         );
-        assert_eq!(file_content(doc, "/etc/other").unwrap().as_deref(), Some("X=1\n"));
+        assert_eq!(
+            file_content(doc, "/etc/other").unwrap().as_deref(),
+            Some("X=1\n")
+        );
         assert_eq!(file_content(doc, "/nope").unwrap(), None);
     }
 
@@ -269,15 +288,24 @@ mod tests {
     #[test]
     fn content_first_flush_list_and_blank_lines() {
         let doc = "write_files:\n- content: |-\n    A=1\n\n    B=two words\n  path: \"/etc/cloud/environment\"\n- path: x\n";
-        assert_eq!(file_content(doc, ENV).unwrap().as_deref(), Some("A=1\n\nB=two words"));
+        assert_eq!(
+            file_content(doc, ENV).unwrap().as_deref(),
+            Some("A=1\n\nB=two words")
+        );
     }
 
     #[test]
     fn quoted_and_base64() {
         let doc = "write_files:\n  - path: '/etc/cloud/environment'\n    content: \"A=1\\nB=\\\"q\\\"\\n\"\n";
-        assert_eq!(file_content(doc, ENV).unwrap().as_deref(), Some("A=1\nB=\"q\"\n"));
+        assert_eq!(
+            file_content(doc, ENV).unwrap().as_deref(),
+            Some("A=1\nB=\"q\"\n")
+        );
         let doc = "write_files:\n  - encoding: b64\n    path: /etc/cloud/environment\n    content: Rk9PPWJhcgo=\n";
-        assert_eq!(file_content(doc, ENV).unwrap().as_deref(), Some("FOO=bar\n"));
+        assert_eq!(
+            file_content(doc, ENV).unwrap().as_deref(),
+            Some("FOO=bar\n")
+        );
     }
 
     #[test]
@@ -294,7 +322,8 @@ mod tests {
     fn refused() {
         let doc = "write_files:\n  - path: /etc/cloud/environment\n    content: >\n      x\n";
         assert!(file_content(doc, ENV).is_err());
-        let doc = "write_files:\n  - path: /etc/cloud/environment\n    encoding: gzip\n    content: x\n";
+        let doc =
+            "write_files:\n  - path: /etc/cloud/environment\n    encoding: gzip\n    content: x\n";
         assert!(file_content(doc, ENV).is_err());
         let doc = "write_files:\n  - path: /etc/cloud/environment\n    content: \"x\n";
         assert!(file_content(doc, ENV).is_err());

@@ -55,7 +55,10 @@ struct Error {
 
 impl Error {
     fn new(what: impl Into<String>, cause: impl Into<Box<dyn std::error::Error>>) -> Self {
-        Self { what: what.into(), cause: cause.into() }
+        Self {
+            what: what.into(),
+            cause: cause.into(),
+        }
     }
 }
 
@@ -79,11 +82,22 @@ mod sys {
     }
 
     /// `mount(2)` without data.
-    pub fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong) -> io::Result<()> {
+    pub fn mount(
+        source: &CStr,
+        target: &CStr,
+        fstype: &CStr,
+        flags: libc::c_ulong,
+    ) -> io::Result<()> {
         // SAFETY: all pointers come from live `CStr`s (NUL-terminated, valid for the call);
         // a null `data` pointer is allowed by mount(2).
         check(unsafe {
-            libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null())
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                flags,
+                std::ptr::null(),
+            )
         })
     }
 
@@ -190,8 +204,18 @@ fn power_off(console: &mut Console, status: u8) -> ! {
 
 /// The pseudo file systems: (source, target, type, flags).
 const MOUNTS: [(&CStr, &CStr, &CStr, libc::c_ulong); 3] = [
-    (c"proc", c"/proc", c"proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
-    (c"sysfs", c"/sys", c"sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC),
+    (
+        c"proc",
+        c"/proc",
+        c"proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ),
+    (
+        c"sysfs",
+        c"/sys",
+        c"sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ),
     (c"devtmpfs", c"/dev", c"devtmpfs", libc::MS_NOSUID),
 ];
 
@@ -201,7 +225,11 @@ fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong) -> R
         // already mounted (the kernel mounts devtmpfs itself with DEVTMPFS_MOUNT)
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
         Err(e) => Err(Error::new(
-            format!("mount {} on {}", source.to_string_lossy(), target.to_string_lossy()),
+            format!(
+                "mount {} on {}",
+                source.to_string_lossy(),
+                target.to_string_lossy()
+            ),
             e,
         )),
     }
@@ -259,9 +287,14 @@ fn env_report(environment: &str) -> String {
 
 /// Steps 2 and 3; returns the environment file's text.
 fn check_disks(console: &mut Console) -> Result<String, Error> {
-    mount(SEED_DEVICE, SEED_MOUNT, c"vfat", libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)?;
-    let user_data =
-        std::fs::read_to_string(USER_DATA).map_err(|e| Error::new(format!("read {USER_DATA}"), e))?;
+    mount(
+        SEED_DEVICE,
+        SEED_MOUNT,
+        c"vfat",
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    )?;
+    let user_data = std::fs::read_to_string(USER_DATA)
+        .map_err(|e| Error::new(format!("read {USER_DATA}"), e))?;
     let environment = cloud_config::file_content(&user_data, ENVIRONMENT)
         .map_err(|e| Error::new(format!("parse {USER_DATA}"), e))?
         .unwrap_or_default();
@@ -307,8 +340,14 @@ fn main() {
     let mut console = Console::Stdout;
     let early = sys::block_shutdown_signals()
         .map_err(|e| Error::new("block SIGINT/SIGTERM", e))
-        .and_then(|()| sys::disable_ctrl_alt_del().map_err(|e| Error::new("reboot(RB_DISABLE_CAD)", e)))
-        .and_then(|()| MOUNTS.iter().try_for_each(|&(s, t, f, fl)| mount(s, t, f, fl)));
+        .and_then(|()| {
+            sys::disable_ctrl_alt_del().map_err(|e| Error::new("reboot(RB_DISABLE_CAD)", e))
+        })
+        .and_then(|()| {
+            MOUNTS
+                .iter()
+                .try_for_each(|&(s, t, f, fl)| mount(s, t, f, fl))
+        });
     if let Err(e) = early {
         console.error(&e);
         power_off(&mut console, 1);
@@ -339,7 +378,10 @@ mod tests {
     fn endings() {
         assert_eq!(ending("").unwrap(), Ending::Exit(0));
         assert_eq!(ending("VM_INIT_EXIT=3\n").unwrap(), Ending::Exit(3));
-        assert_eq!(ending("VM_INIT_EXIT=3\nVM_INIT_WAIT=1\n").unwrap(), Ending::WaitForSignal);
+        assert_eq!(
+            ending("VM_INIT_EXIT=3\nVM_INIT_WAIT=1\n").unwrap(),
+            Ending::WaitForSignal
+        );
         assert_eq!(ending("VM_INIT_WAIT=0\n").unwrap(), Ending::Exit(0));
         assert!(ending("VM_INIT_EXIT=256\n").is_err());
         assert!(ending("VM_INIT_EXIT=x\n").is_err());
@@ -347,7 +389,10 @@ mod tests {
 
     #[test]
     fn report() {
-        assert_eq!(env_report("A=1\n\nB=2"), "vm-init: env A=1\nvm-init: env B=2\n");
+        assert_eq!(
+            env_report("A=1\n\nB=2"),
+            "vm-init: env A=1\nvm-init: env B=2\n"
+        );
         assert_eq!(env_report(""), "");
     }
 }
