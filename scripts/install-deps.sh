@@ -7,7 +7,7 @@ PACKAGES=(
   # guest kernel (guest-kernel/build.sh) and initramfs
   build-essential bc bison flex libelf-dev libssl-dev cpio linux-source-6.1
   # tests: payload assembly uses cc/ld/objcopy (binutils); image cross-checks use qemu-img
-  binutils qemu-utils python3
+  binutils qemu-utils python3 lz4
   containerd runc containernetworking-plugins busybox-static e2fsprogs dosfstools  # containerd tests, tests/images
   mtools cloud-init  # seed/: cross-checks of the NoCloud seed with mtools and Debian's cloud-init
 )

@@ -105,6 +105,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
         config.initrd.as_deref(),
     )?;
     let mem = vm.memory();
+    let pvm = cpuid::host_is_kvm_pvm();
 
     // The boot payload.
     let kernel = boot::load_kernel(mem, &config.kernel)?;
@@ -180,7 +181,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     for entry in device_manager.cmdline_entries() {
         config::append_cmdline(&mut cmdline, entry);
     }
-    if cpuid::host_is_kvm_pvm() {
+    if pvm {
         // kvm_pvm ignores CPUID feature masks; tell the guest kernel instead.
         log::debug!(
             "kvm_pvm host: adding `{}` to the kernel command line",
@@ -198,7 +199,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     for id in 0..config.vcpus {
         let v = vm.create_vcpu(id)?;
         let mut c = base_cpuid.clone();
-        cpuid::filter(&mut c, id, config.vcpus);
+        cpuid::filter(&mut c, id, config.vcpus, pvm);
         let boot = (id == 0).then_some((kernel.entry, kernel.protocol));
         v.configure(&c, boot)?;
         vcpus.push(v);

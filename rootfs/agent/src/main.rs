@@ -23,6 +23,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
+use rustix::mount::{mount, MountFlags};
+use rustix::system::{reboot, RebootCommand};
+
 /// The VMM's boot-timer port: a write marks "guest user space is running".
 const BOOT_TIMER_PORT: u64 = 0x440;
 /// The byte written to [`BOOT_TIMER_PORT`] (the value Firecracker's boot timer expects).
@@ -58,73 +61,34 @@ impl std::error::Error for Error {
     }
 }
 
-/// Thin wrappers around the system calls std does not offer.
-mod sys {
-    use std::ffi::CStr;
-    use std::io;
-
-    /// `mount(2)` without data.
-    pub fn mount(
-        source: &CStr,
-        target: &CStr,
-        fstype: &CStr,
-        flags: libc::c_ulong,
-    ) -> io::Result<()> {
-        // SAFETY: all pointers come from live `CStr`s (NUL-terminated, valid for the call);
-        // a null `data` pointer is allowed by mount(2).
-        let rc = unsafe {
-            libc::mount(
-                source.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                flags,
-                std::ptr::null(),
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    /// `reboot(RB_AUTOBOOT)`. Only returns on failure.
-    pub fn reboot() -> io::Error {
-        // SAFETY: reboot(2) takes no pointers; on success it does not return.
-        unsafe { libc::reboot(libc::RB_AUTOBOOT) };
-        io::Error::last_os_error()
-    }
-}
-
 /// The pseudo file systems PID 1 mounts: (source, target, type, flags).
-const MOUNTS: [(
-    &std::ffi::CStr,
-    &std::ffi::CStr,
-    &std::ffi::CStr,
-    libc::c_ulong,
-); 3] = [
+const MOUNTS: [(&str, &str, &str, MountFlags); 3] = [
     (
-        c"proc",
-        c"/proc",
-        c"proc",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "proc",
+        "/proc",
+        "proc",
+        MountFlags::NOSUID
+            .union(MountFlags::NODEV)
+            .union(MountFlags::NOEXEC),
     ),
     (
-        c"sysfs",
-        c"/sys",
-        c"sysfs",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "sysfs",
+        "/sys",
+        "sysfs",
+        MountFlags::NOSUID
+            .union(MountFlags::NODEV)
+            .union(MountFlags::NOEXEC),
     ),
-    (c"devtmpfs", c"/dev", c"devtmpfs", libc::MS_NOSUID),
+    ("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID),
 ];
 
 /// Mounts /proc, /sys and /dev; one that is already mounted (EBUSY) is fine.
 fn mount_pseudo_filesystems() -> Result<(), Error> {
     for (source, target, fstype, flags) in MOUNTS {
-        match sys::mount(source, target, fstype, flags) {
+        match mount(source, target, fstype, flags, None).map_err(io::Error::from) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(Error::new(format!("mount {}", target.to_string_lossy()), e)),
+            Err(e) => return Err(Error::new(format!("mount {target}"), e)),
         }
     }
     Ok(())
@@ -266,7 +230,10 @@ fn end_vm(console: &mut Console, ports: Option<&Ports>, status: u8) -> ! {
             console.error(&e);
         }
     }
-    let e = sys::reboot();
+    let e = match reboot(RebootCommand::Restart) {
+        Err(e) => io::Error::from(e),
+        Ok(()) => io::Error::other("reboot(2) returned"),
+    };
     console.error(&Error::new("reboot", e));
     std::process::exit(i32::from(status))
 }

@@ -21,6 +21,12 @@ use kvm_bindings::CpuId;
 pub const PVM_KERNEL_PARAMS: &str =
     "noxsave clearcpuid=129,141,145,148,151,153,158,288,298,306,308,317,534";
 
+/// KVM's paravirtual feature leaf, and its "send IPIs by hypercall" bit. On kvm_pvm, a
+/// guest that uses PV IPIs hangs while bringing up its second CPU (measured with qemu:
+/// `-cpu …,-kvm-pv-ipi` boots); unlike the feature bits above, kvm_pvm honours this leaf.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+
 const HYPERVISOR_BIT: u32 = 1 << 31;
 const HTT_BIT: u32 = 1 << 28;
 
@@ -30,8 +36,8 @@ pub fn host_is_kvm_pvm() -> bool {
 }
 
 /// Adjusts KVM's supported CPUID for vCPU `cpu_id` of `cpu_count`: APIC ids, logical
-/// processor count and the hypervisor bit.
-pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8) {
+/// processor count and the hypervisor bit; on kvm_pvm (`pvm`), no paravirtual IPIs.
+pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, pvm: bool) {
     for e in cpuid.as_mut_slice().iter_mut() {
         match e.function {
             1 => {
@@ -48,6 +54,7 @@ pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8) {
             }
             // Extended topology: every subleaf reports this vCPU's x2APIC id.
             0xb | 0x1f => e.edx = u32::from(cpu_id),
+            KVM_CPUID_FEATURES if pvm => e.eax &= !KVM_FEATURE_PV_SEND_IPI,
             _ => {}
         }
     }
@@ -72,8 +79,14 @@ mod tests {
 
     #[test]
     fn topology_and_hypervisor_bit() {
-        let mut c = CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(0xb, 0)]).unwrap();
-        filter(&mut c, 3, 4);
+        let mut c = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(7, 0),
+            entry(0xb, 0),
+            entry(KVM_CPUID_FEATURES, 0),
+        ])
+        .unwrap();
+        filter(&mut c, 3, 4, false);
         let e = c.as_slice();
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
@@ -82,8 +95,14 @@ mod tests {
         assert_eq!(e[2].edx, 3);
         // Feature bits are left as KVM reports them.
         assert_eq!((e[0].ecx, e[1].ebx), (!0, !0));
-        filter(&mut c, 0, 1);
+        assert_eq!(e[3].eax, !0, "PV IPIs stay on hardware KVM");
+        filter(&mut c, 0, 1, true);
         assert_eq!(c.as_slice()[0].edx & HTT_BIT, 0);
+        assert_eq!(
+            c.as_slice()[3].eax,
+            !KVM_FEATURE_PV_SEND_IPI,
+            "no PV IPIs on kvm_pvm"
+        );
     }
 
     #[test]
