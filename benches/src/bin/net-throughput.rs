@@ -261,6 +261,38 @@ impl Vm {
         }
     }
 
+    /// CPU seconds (user + system) per thread of the VMM process, by thread name.
+    fn thread_cpu(&self) -> Vec<(String, f64)> {
+        // SAFETY: sysconf(2) takes no pointers.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let dir = format!("/proc/{}/task", self.child.id());
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "tid (comm) state ..." — comm may hold spaces; fields after ')' are fixed.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = stat.get(open + 1..close).unwrap_or_default().to_owned();
+            let fields: Vec<&str> = stat
+                .get(close + 2..)
+                .unwrap_or_default()
+                .split(' ')
+                .collect();
+            // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after state.
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            out.push((comm, (ticks(11) + ticks(12)) / hz));
+        }
+        out
+    }
+
     fn wait_exit(&mut self) -> Option<i32> {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
@@ -506,6 +538,28 @@ fn net_guest_initramfs(target_dir: &Path) -> Result<PathBuf, String> {
         .ok_or_else(|| "build.sh printed no initramfs".into())
 }
 
+/// Prints the CPU seconds each VMM thread spent during the measurements (same-named
+/// threads summed): where a VMM's time goes when the guest is the bottleneck.
+fn print_cpu(name: &str, before: &[(String, f64)], after: &[(String, f64)]) {
+    let total = |v: &[(String, f64)], comm: &str| {
+        v.iter()
+            .filter(|(c, _)| c == comm)
+            .map(|(_, s)| s)
+            .sum::<f64>()
+    };
+    let mut names: Vec<&String> = after.iter().map(|(c, _)| c).collect();
+    names.sort();
+    names.dedup();
+    let parts: Vec<String> = names
+        .iter()
+        .map(|c| format!("{c} {:.1} s", total(after, c) - total(before, c)))
+        .collect();
+    println!(
+        "  {name} CPU during the transfers, by thread: {}",
+        parts.join(", ")
+    );
+}
+
 fn fmt(s: Option<Summary>) -> String {
     match s {
         Some(s) if s.n > 1 => format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max),
@@ -585,8 +639,10 @@ fn run(opts: &Options) -> Result<bool, String> {
     let ready = vm.wait_ready().map_err(|e| format!("kestrel: {e}"))?;
     println!("kestrel guest ready after {:.1} s", ready.as_secs_f64());
     let mut k = Rates::default();
+    let before = vm.thread_cpu();
     measure("kestrel", &mut k, Some(&socket), n, runs)
         .map_err(|e| format!("{e}\n{}", vm.tail()))?;
+    print_cpu("kestrel", &before, &vm.thread_cpu());
     if let Ok(mut c) = vsock(&socket, VSOCK_CONTROL) {
         let _ = c.write_all(b"quit\n");
     }
@@ -641,9 +697,11 @@ fn run(opts: &Options) -> Result<bool, String> {
             Ok(mut vm) => match vm.wait_ready() {
                 Ok(ready) => {
                     println!("qemu guest ready after {:.1} s", ready.as_secs_f64());
+                    let before = vm.thread_cpu();
                     if let Err(e) = measure("qemu", &mut q, None, n, runs) {
                         println!("qemu: {e}\n{}", vm.tail());
                     }
+                    print_cpu("qemu", &before, &vm.thread_cpu());
                     // No vsock to send `quit` on: qemu is killed on drop.
                 }
                 Err(e) => println!("qemu: {e}"),
