@@ -18,6 +18,8 @@ const COMMAND: u64 = 4;
 const STATUS_OUT_FULL: u8 = 0x01;
 const STATUS_SYS_FLAG: u8 = 0x04;
 const STATUS_CMD_DATA: u8 = 0x08;
+/// Set when the keyboard is *not* inhibited (the keylock is open).
+const STATUS_NOT_INHIBITED: u8 = 0x10;
 
 const CTR_KBD_INT: u8 = 0x01;
 
@@ -71,7 +73,7 @@ pub struct I8042 {
 impl I8042 {
     pub fn new(irq: Arc<dyn IrqLine>, exit: ExitHook) -> Self {
         I8042 {
-            status: STATUS_SYS_FLAG,
+            status: STATUS_SYS_FLAG | STATUS_NOT_INHIBITED,
             ctr: CTR_KBD_INT,
             outp: 0,
             pending_cmd: None,
@@ -100,6 +102,11 @@ impl I8042 {
             }
         }
         self.update_status();
+        self.interrupt_if_pending();
+    }
+
+    /// Linux's handler takes one byte per interrupt: raise it again while bytes wait.
+    fn interrupt_if_pending(&self) {
         if self.ctr & CTR_KBD_INT != 0 && !self.buffer.is_empty() {
             // A failed interrupt only delays the guest's read of the buffer (it polls).
             let _ = self.irq.trigger();
@@ -147,6 +154,7 @@ impl BusDevice for I8042 {
             DATA => {
                 let v = self.buffer.pop_front().unwrap_or(0);
                 self.update_status();
+                self.interrupt_if_pending();
                 v
             }
             COMMAND => self.status,
@@ -221,7 +229,7 @@ mod tests {
     }
 
     #[test]
-    fn ctrl_alt_del_queues_scancodes_and_interrupts() {
+    fn ctrl_alt_del_interrupts_once_per_scancode_byte() {
         let (mut d, irq, _) = dev();
         d.inject_ctrl_alt_del().unwrap();
         assert_eq!(irq.count(), 1);
@@ -231,5 +239,13 @@ mod tests {
         }
         assert_eq!(&seq[..4], &[0x14, 0x11, 0xe0, 0x71]);
         assert_eq!(seq.len(), 12);
+        // One interrupt per byte, as Linux's handler reads one byte per interrupt.
+        assert_eq!(irq.count(), 12);
+    }
+
+    #[test]
+    fn keyboard_is_not_inhibited() {
+        let (mut d, _, _) = dev();
+        assert_ne!(read(&mut d, COMMAND) & STATUS_NOT_INHIBITED, 0);
     }
 }
