@@ -39,6 +39,8 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
 /// VMs are expensive here: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Keep the whole value alive for the test (the guard serialises the tests; a pattern
+/// like `Setup { c, .. }` would drop it at once).
 struct Setup {
     c: Containerd,
     _serial: MutexGuard<'static, ()>,
@@ -143,9 +145,10 @@ fn assert_console_has(console: &str, lines: &[&str]) {
 /// seed, and ctr exits with the guest's status.
 #[test]
 fn vm_image_console_env_and_exit_status() {
-    let Some(Setup { c, .. }) = setup() else {
+    let Some(setup) = setup() else {
         return;
     };
+    let c = &setup.c;
     let id = unique("vm1");
     let out = c.ctr_with_timeout(
         &[
@@ -178,7 +181,7 @@ fn vm_image_console_env_and_exit_status() {
         "ctr run must exit with the guest's status: {}",
         describe(&out)
     );
-    assert_gone(&c, &id);
+    assert_gone(c, &id);
 }
 
 /// Two detached tasks of one image at once (each on its own overlay over one converted
@@ -186,9 +189,10 @@ fn vm_image_console_env_and_exit_status() {
 /// `ctr container rm` still clean up after; a graceful stop with `ctr task kill` (SIGTERM).
 #[test]
 fn vm_image_two_tasks_kill_and_shim_sigkill() {
-    let Some(Setup { c, .. }) = setup() else {
+    let Some(setup) = setup() else {
         return;
     };
+    let c = &setup.c;
     let a = unique("vm-a");
     let b = unique("vm-b");
     let console_a = ConsoleFifo::new(c.dir().join("vm-a.console"));
@@ -260,7 +264,7 @@ fn vm_image_two_tasks_kill_and_shim_sigkill() {
         describe(&out)
     );
     c.ctr_ok(&["container", "rm", &b]);
-    assert_gone(&c, &b);
+    assert_gone(c, &b);
 
     // The other VM was not disturbed. Graceful: SIGTERM asks the guest to shut down
     // (Ctrl-Alt-Del → SIGINT to init); vm-init powers off with status 0.
@@ -292,7 +296,7 @@ fn vm_image_two_tasks_kill_and_shim_sigkill() {
         describe(&out)
     );
     c.ctr_ok(&["container", "rm", &a]);
-    assert_gone(&c, &a);
+    assert_gone(c, &a);
 
     assert!(c.tasks().is_empty(), "tasks left: {:?}", c.tasks());
 }
@@ -301,9 +305,10 @@ fn vm_image_two_tasks_kill_and_shim_sigkill() {
 /// and nothing is left behind.
 #[test]
 fn image_without_disk_is_refused() {
-    let Some(Setup { c, .. }) = setup() else {
+    let Some(setup) = setup() else {
         return;
     };
+    let c = &setup.c;
     c.import(images::busybox(), NAMESPACE);
     let id = unique("bad");
     let out = c.ctr_with_timeout(
@@ -329,6 +334,6 @@ fn image_without_disk_is_refused() {
         "the error must say the image has no /disk/: {}",
         describe(&out)
     );
-    assert_gone(&c, &id);
+    assert_gone(c, &id);
     assert!(c.tasks().is_empty(), "tasks left: {:?}", c.tasks());
 }
