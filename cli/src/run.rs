@@ -7,7 +7,7 @@ use std::time::Instant;
 use devices::disk::overlay::{Overlay, OverlayError};
 use devices::disk::raw::RawFile;
 use devices::disk::{DiskBackend, DiskError};
-use devices::image::vm_disk::{self, ImageDirs, VmDiskError};
+use devices::image::vm_disk::{self, ExistingOverlay, ImageDirs, VmDiskError};
 use devices::virtio::net::MacAddr;
 use vmm::{DiskConfig, NetConfig, TapSource, VmConfig, VsockConfig};
 
@@ -79,14 +79,16 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
 
     let mut _temp_overlay = None;
     if let Some(image) = &run.image {
-        let overlay_path = match &image.overlay {
-            Some(p) => p.clone(),
+        // A named overlay keeps the guest's writes across runs; the default one is
+        // temporary.
+        let (overlay_path, existing) = match &image.overlay {
+            Some(p) => (p.clone(), ExistingOverlay::Keep),
             None => {
                 let p = state_root()
                     .join("overlays/cli")
                     .join(format!("{}.overlay", std::process::id()));
                 _temp_overlay = Some(TempOverlay(p.clone()));
-                p
+                (p, ExistingOverlay::Replace)
             }
         };
         let mut last = None;
@@ -94,6 +96,7 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
             &ImageDirs::under(&state_root()),
             &image.path,
             &overlay_path,
+            existing,
             &mut |pct| {
                 if last != Some(pct) {
                     eprint!("\rkestrel: converting {}: {pct}%", image.path.display());

@@ -10,7 +10,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use devices::image::vm_disk::{self, ImageDirs, PreparedDisk, VmDiskError};
+use devices::image::vm_disk::{self, ExistingOverlay, ImageDirs, PreparedDisk, VmDiskError};
 
 /// The directory of a containerDisk image that holds the disk.
 pub const DISK_DIR: &str = "disk";
@@ -121,6 +121,7 @@ pub fn prepare(
         &dirs.image_dirs(),
         disk,
         &dirs.overlay_path(ns, id),
+        ExistingOverlay::Replace,
         &mut |pct| {
             if pct >= last + 10 || (pct == 100 && last != 100) {
                 log::info!("converting {}: {pct}%", disk.display());

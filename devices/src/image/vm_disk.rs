@@ -114,12 +114,23 @@ pub struct PreparedDisk {
     pub root_device: String,
 }
 
-/// Converts `disk` through the cache (once per content digest) and creates the task's
-/// overlay (replacing a stale one from an earlier task of the same id).
+/// What [`prepare`] does with an overlay file that already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingOverlay {
+    /// Replace it with an empty one (a stale overlay of an earlier task).
+    Replace,
+    /// Keep it and its writes (an overlay the user names to reuse).
+    Keep,
+}
+
+/// Converts `disk` through the cache (once per content digest) and opens the overlay at
+/// `overlay_path`, creating it if needed. Conversion progress goes to `progress`
+/// (percent done).
 pub fn prepare(
     dirs: &ImageDirs,
     disk: &Path,
     overlay_path: &Path,
+    existing: ExistingOverlay,
     progress: &mut dyn FnMut(u64),
 ) -> Result<PreparedDisk, VmDiskError> {
     let digest = content_digest(dirs, disk)?;
@@ -132,9 +143,14 @@ pub fn prepare(
     if let Some(parent) = overlay_path.parent() {
         fs::create_dir_all(parent).map_err(|e| VmDiskError::CreateDir(parent.into(), e))?;
     }
-    let _ = fs::remove_file(overlay_path);
-    let overlay = Overlay::create(&base.path, overlay_path)
-        .map_err(|e| VmDiskError::Overlay(overlay_path.into(), e))?;
+    let overlay = match existing {
+        ExistingOverlay::Replace => {
+            let _ = fs::remove_file(overlay_path);
+            Overlay::create(&base.path, overlay_path)
+        }
+        ExistingOverlay::Keep => Overlay::open_or_create(&base.path, overlay_path),
+    }
+    .map_err(|e| VmDiskError::Overlay(overlay_path.into(), e))?;
     let root_device = root_device(&base.path)?;
     Ok(PreparedDisk {
         base: base.path,
@@ -147,6 +163,7 @@ pub fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::DiskBackend;
 
     #[test]
     fn root_device_follows_the_partition_table() {
@@ -184,14 +201,30 @@ mod tests {
         let disk = dir.path().join("vm.raw");
         fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
         let mut seen = Vec::new();
-        let a = prepare(&dirs, &disk, &dir.path().join("a.overlay"), &mut |p| {
+        let a_path = dir.path().join("a.overlay");
+        let mut a = prepare(&dirs, &disk, &a_path, ExistingOverlay::Replace, &mut |p| {
             seen.push(p)
         })
         .unwrap();
-        let b = prepare(&dirs, &disk, &dir.path().join("b.overlay"), &mut |_| {}).unwrap();
+        let b_path = dir.path().join("b.overlay");
+        let b = prepare(&dirs, &disk, &b_path, ExistingOverlay::Replace, &mut |_| {}).unwrap();
         assert_eq!(a.base, b.base);
         assert_eq!(seen.last(), Some(&100));
         assert!(a.overlay_path.exists() && b.overlay_path.exists());
         assert_eq!(a.root_device, "/dev/vda");
+
+        // Keep reopens an overlay with its writes; Replace starts it over.
+        a.overlay.write_at(0, &[9u8; 512]).unwrap();
+        a.overlay.flush().unwrap();
+        drop(a);
+        let mut buf = [0u8; 512];
+        let mut kept = prepare(&dirs, &disk, &a_path, ExistingOverlay::Keep, &mut |_| {}).unwrap();
+        kept.overlay.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [9u8; 512]);
+        drop(kept);
+        let mut fresh =
+            prepare(&dirs, &disk, &a_path, ExistingOverlay::Replace, &mut |_| {}).unwrap();
+        fresh.overlay.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [7u8; 512]);
     }
 }
