@@ -6,7 +6,7 @@ pub const USAGE: &str = "usage:
   kestrel run [--kernel PATH] [--initrd PATH | --no-initrd] [--cmdline STRING]
               [--cpus N] [--memory MiB]
               [--image PATH[,overlay=FILE]] [--disk PATH[,ro][,serial=S][,overlay=FILE]]...
-              [--net tap=NAME[,mac=MAC]]... [--vsock cid=N,socket=PATH]
+              [--net tap=NAME[,mac=MAC][,create]]... [--vsock cid=N,socket=PATH]
       Boot a microVM: the console is this terminal, the exit status is the guest's.
       Defaults: the guest kernel and initramfs built by scripts/build-guest.sh,
       1 vCPU, 128 MiB.
@@ -15,7 +15,8 @@ pub const USAGE: &str = "usage:
                 (temporary unless overlay=FILE); implies --no-initrd.
       --disk    attach a raw disk file as is (never format-probed); overlay=FILE keeps
                 PATH read-only and writes to FILE.
-      --net     attach a virtio-net interface on an existing tap device.
+      --net     attach a virtio-net interface on an existing tap device, or on a new one
+                with `create` (removed when the VM ends).
       --vsock   attach vsock: host clients connect to PATH and send CONNECT <port>;
                 guest connections to host port P reach PATH_P.
   kestrel convert INPUT OUTPUT
@@ -60,11 +61,13 @@ pub struct DiskArg {
     pub overlay: Option<PathBuf>,
 }
 
-/// `--net tap=NAME[,mac=MAC]`
+/// `--net tap=NAME[,mac=MAC][,create]`
 #[derive(Debug, PartialEq, Eq)]
 pub struct NetArg {
     pub tap: String,
     pub mac: Option<String>,
+    /// Create the tap instead of opening an existing one.
+    pub create: bool,
 }
 
 /// `--vsock cid=N,socket=PATH`
@@ -207,44 +210,43 @@ fn parse_disk(value: &str) -> Result<DiskArg, ArgsError> {
 }
 
 fn parse_net(value: &str) -> Result<NetArg, ArgsError> {
-    let mut tap = None;
-    let mut mac = None;
-    for (k, v) in value
-        .split(',')
-        .map(|p| p.split_once('=').unwrap_or((p, "")))
-    {
-        match k {
-            "tap" if !v.is_empty() => tap = Some(v.to_string()),
-            "mac" if !v.is_empty() => mac = Some(v.to_string()),
-            _ => {
+    let mut arg = NetArg {
+        tap: String::new(),
+        mac: None,
+        create: false,
+    };
+    for item in options(value) {
+        match item {
+            ("tap", Some(v)) if !v.is_empty() => arg.tap = v.to_string(),
+            ("mac", Some(v)) if !v.is_empty() => arg.mac = Some(v.to_string()),
+            ("create", None) => arg.create = true,
+            (k, _) => {
                 return Err(bad(
                     "--net",
                     value,
-                    format!("unknown option {k:?} (expected tap=NAME[,mac=MAC])"),
+                    format!("unknown option {k:?} (expected tap=NAME[,mac=MAC][,create])"),
                 ))
             }
         }
     }
-    let tap = tap.ok_or_else(|| bad("--net", value, "tap=NAME is required"))?;
-    Ok(NetArg { tap, mac })
+    if arg.tap.is_empty() {
+        return Err(bad("--net", value, "tap=NAME is required"));
+    }
+    Ok(arg)
 }
 
 fn parse_vsock(value: &str) -> Result<VsockArg, ArgsError> {
-    let mut cid = None;
-    let mut socket = None;
-    for (k, v) in value
-        .split(',')
-        .map(|p| p.split_once('=').unwrap_or((p, "")))
-    {
-        match k {
-            "cid" => {
+    let (mut cid, mut socket) = (None, None);
+    for item in options(value) {
+        match item {
+            ("cid", Some(v)) => {
                 cid = Some(
                     v.parse::<u64>()
                         .map_err(|_| bad("--vsock", value, format!("cid {v:?} is not a number")))?,
                 )
             }
-            "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
-            _ => {
+            ("socket", Some(v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            (k, _) => {
                 return Err(bad(
                     "--vsock",
                     value,
@@ -374,6 +376,77 @@ mod tests {
         assert_eq!(
             p("run --initrd x --no-initrd"),
             Err(ArgsError::InitrdConflict)
+        );
+    }
+
+    #[test]
+    fn bad_device_specs_name_the_option() {
+        assert!(matches!(p("convert a"), Err(ArgsError::ConvertArgs)));
+        for bad in [
+            "run --disk ,ro",
+            "run --disk d,rw",
+            "run --disk d,ro,overlay=o",
+            "run --disk d,serial=012345678901234567890",
+            "run --net mac=02:00:00:00:00:01",
+            "run --net tap=t0,speed=10",
+            "run --vsock cid=x,socket=/s",
+            "run --vsock cid=3",
+            "run --image i,cow",
+        ] {
+            assert!(matches!(p(bad), Err(ArgsError::BadSpec { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_specs() {
+        let Command::Run(r) = p("run --image vm.qcow2,overlay=/tmp/o --disk d.raw,ro,serial=data --disk e.raw,overlay=e.cow --net tap=tap0,mac=02:00:00:00:00:01 --net tap=kt%d,create --vsock cid=3,socket=/tmp/v.sock").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            r.image,
+            Some(ImageArg {
+                path: "vm.qcow2".into(),
+                overlay: Some("/tmp/o".into())
+            })
+        );
+        assert_eq!(
+            r.disks[0],
+            DiskArg {
+                path: "d.raw".into(),
+                read_only: true,
+                serial: Some("data".into()),
+                overlay: None
+            }
+        );
+        assert_eq!(r.disks[1].overlay, Some("e.cow".into()));
+        assert_eq!(
+            r.nets,
+            vec![
+                NetArg {
+                    tap: "tap0".into(),
+                    mac: Some("02:00:00:00:00:01".into()),
+                    create: false
+                },
+                NetArg {
+                    tap: "kt%d".into(),
+                    mac: None,
+                    create: true
+                },
+            ]
+        );
+        assert_eq!(
+            r.vsock,
+            Some(VsockArg {
+                cid: 3,
+                socket: "/tmp/v.sock".into()
+            })
+        );
+        assert_eq!(
+            p("convert in.qcow2 out.raw").unwrap(),
+            Command::Convert {
+                input: "in.qcow2".into(),
+                output: "out.raw".into()
+            }
         );
     }
 }

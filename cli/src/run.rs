@@ -129,7 +129,11 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
             None => None,
         };
         config.nets.push(NetConfig {
-            tap: TapSource::Name(n.tap),
+            tap: if n.create {
+                TapSource::Create(n.tap)
+            } else {
+                TapSource::Name(n.tap)
+            },
             mac,
         });
     }

@@ -33,6 +33,9 @@ pub struct DiskConfig {
 pub enum TapSource {
     /// An existing tap interface, by name (in this thread's network namespace).
     Name(String),
+    /// A new tap interface, created for this VM and deleted by the kernel when the VM is
+    /// gone (needs CAP_NET_ADMIN; the caller configures its address and links).
+    Create(String),
     /// A tap fd opened by the caller (e.g. inside a pod's network namespace).
     Fd(std::os::fd::OwnedFd),
 }
@@ -139,6 +142,7 @@ impl DeviceManager {
         let index = self.net_metrics.len();
         let tap = match net.tap {
             TapSource::Name(name) => Tap::open(&name),
+            TapSource::Create(name) => Tap::create(&name),
             TapSource::Fd(fd) => Tap::from_fd(fd),
         }
         .map_err(|source| DeviceError::Tap { index, source })?;
