@@ -36,6 +36,10 @@ use crate::spec::{self, VmSpec};
 use crate::vm_image::{self, StateDirs};
 use devices::disk::raw::RawFile;
 
+/// The exit status of a task whose VM could not start (as `docker run` reports a runtime
+/// failure).
+const EXIT_NOT_STARTED: u32 = 125;
+
 /// How a task ended.
 #[derive(Debug, Clone)]
 struct ExitInfo {
@@ -309,16 +313,28 @@ impl TaskService {
         config.on_exit = Some(Box::new(move |exit: &VmExit| {
             let _ = vm_exit_tx.send(exit.clone());
         }));
-        let handle = tokio::task::spawn_blocking(move || vmm::start_vm(*config))
+        let started = tokio::task::spawn_blocking(move || vmm::start_vm(*config))
             .await
             .map_err(|e| ShimError::Io {
                 what: "start the VM".into(),
                 source: std::io::Error::other(e.to_string()),
-            })?
-            .map_err(|source| ShimError::StartVm {
-                id: req.id.clone(),
-                source,
-            })?;
+            })
+            .and_then(|r| {
+                r.map_err(|source| ShimError::StartVm {
+                    id: req.id.clone(),
+                    source,
+                })
+            });
+        let handle = match started {
+            Ok(h) => h,
+            Err(e) => {
+                // The task ends without running, so that Wait and State still answer.
+                let exit = Self::end_unstarted(task, EXIT_NOT_STARTED);
+                drop(slot);
+                self.publish_exit(&req.id, &exit).await;
+                return Err(e);
+            }
+        };
         task.phase = Phase::Running(handle.control());
         // The VMM thread owns the VM from here; the handle only joins it.
         tokio::task::spawn_blocking(move || drop(handle.wait()));
@@ -343,6 +359,32 @@ impl TaskService {
             pid: pid(),
             ..Default::default()
         })
+    }
+
+    /// Ends a task whose VM never ran: drops the console and records `status`.
+    fn end_unstarted(task: &mut VmTask, status: u32) -> ExitInfo {
+        task.phase = Phase::Stopped;
+        task.console_writer.take();
+        let info = ExitInfo { status, at: now() };
+        if let Some(tx) = task.exited_tx.take() {
+            let _ = tx.send(Some(info.clone()));
+        }
+        info
+    }
+
+    async fn publish_exit(&self, id: &str, info: &ExitInfo) {
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id: id.to_string(),
+                id: id.to_string(),
+                pid: pid(),
+                exit_status: info.status,
+                exited_at: Some(info.at.clone()).into(),
+                ..Default::default()
+            }),
+        )
+        .await;
     }
 
     /// Waits for the VM to end, lets the console drain and close, records the exit and
@@ -374,18 +416,7 @@ impl TaskService {
         if let Some(tx) = exited_tx {
             let _ = tx.send(Some(info.clone()));
         }
-        self.publish(
-            topics::TASK_EXIT_EVENT_TOPIC,
-            Box::new(TaskExit {
-                container_id: id.clone(),
-                id,
-                pid: pid(),
-                exit_status: info.status,
-                exited_at: Some(info.at).into(),
-                ..Default::default()
-            }),
-        )
-        .await;
+        self.publish_exit(&id, &info).await;
     }
 
     async fn kill_task(&self, req: KillRequest) -> Result<(), ShimError> {
@@ -395,15 +426,9 @@ impl TaskService {
         let control = match &task.phase {
             Phase::Running(c) if task.exited.borrow().is_none() => c.clone(),
             Phase::Created(_) => {
-                // Never started: it ends without running.
-                task.phase = Phase::Stopped;
-                task.console_writer.take();
-                if let Some(tx) = task.exited_tx.take() {
-                    let _ = tx.send(Some(ExitInfo {
-                        status: 128 + req.signal,
-                        at: now(),
-                    }));
-                }
+                let exit = Self::end_unstarted(task, 128 + req.signal);
+                drop(slot);
+                self.publish_exit(&req.id, &exit).await;
                 return Ok(());
             }
             _ => {
