@@ -3,7 +3,6 @@
 #   $PREFIX/bin/containerd-shim-kestrel-v2   (on containerd's PATH: runtime io.containerd.kestrel.v2)
 #   $PREFIX/bin/kestrel                      (the CLI)
 #   $PREFIX/share/kestrel/{vmlinux,bzImage,initramfs.cpio}   (the guest assets)
-# and prints the containerd configuration that registers the runtime for CRI/Kubernetes.
 # PREFIX defaults to /usr/local. Builds what is missing first (the guest kernel is cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +22,4 @@ for a in vmlinux bzImage initramfs.cpio; do
 done
 echo "install: $PREFIX/bin/containerd-shim-kestrel-v2, $PREFIX/bin/kestrel, $PREFIX/share/kestrel/" >&2
 
-cat <<'SNIPPET'
-# kestrel is installed. `ctr run --runtime io.containerd.kestrel.v2 ...` works as is.
-# For CRI (Kubernetes RuntimeClass handler "kestrel"), add to containerd's config.toml:
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kestrel]
-  runtime_type = "io.containerd.kestrel.v2"
-  pod_annotations = ["io.kestrel.*"]
-  container_annotations = ["io.kestrel.*"]
-SNIPPET
+echo "install: ctr run --runtime io.containerd.kestrel.v2 IMAGE ID runs a VM image (Kubernetes pods are not supported yet)" >&2
