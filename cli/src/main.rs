@@ -1,18 +1,15 @@
-//! `kestrel`: run a microVM without containerd.
+//! `kestrel`: run a microVM without containerd (`kestrel run`), convert images
+//! (`kestrel convert`); `args::USAGE` has the options.
 //!
-//! ```text
-//! kestrel run [--kernel K] [--initrd I] [--cmdline S] [--cpus N] [--memory MiB]
-//! ```
-//! Boots the guest on this process's own threads, streams its console to stdout (stdin goes
-//! to the console), and exits with the guest's status. Errors are one line on stderr:
-//! what failed and why, outermost first.
+//! `run` boots the guest on this process's own threads, streams its console to stdout
+//! (stdin goes to the console), and exits with the guest's status. Errors are one line on
+//! stderr: what failed and why, outermost first.
 
 mod args;
 mod convert;
 mod logger;
 mod run;
 
-use std::error::Error;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -22,18 +19,6 @@ use args::Command;
 /// Exit status for kestrel's own failures (bad input, no KVM…), as `docker run` uses.
 const EXIT_KESTREL_ERROR: u8 = 125;
 const EXIT_USAGE: u8 = 2;
-
-/// Formats an error and its causes on one line.
-fn chain(e: &dyn Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 fn main() -> ExitCode {
     let start = Instant::now();
@@ -58,7 +43,7 @@ fn main() -> ExitCode {
         Command::Convert { input, output } => match convert::run_convert(&input, &output) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("kestrel: error: {}", chain(&e));
+                eprintln!("kestrel: error: {}", vmm::error_chain(&e));
                 ExitCode::from(EXIT_KESTREL_ERROR)
             }
         },
@@ -69,7 +54,7 @@ fn main() -> ExitCode {
                 std::process::exit(status)
             }
             Err(e) => {
-                eprintln!("kestrel: error: {}", chain(&e));
+                eprintln!("kestrel: error: {}", vmm::error_chain(&e));
                 ExitCode::from(EXIT_KESTREL_ERROR)
             }
         },

@@ -70,21 +70,9 @@ impl ShimError {
     }
 }
 
-/// The message with every cause, outermost first.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 impl From<ShimError> for ttrpc::Error {
     fn from(e: ShimError) -> Self {
-        let msg = chain(&e);
+        let msg = vmm::error_chain(&e);
         log::warn!("{msg}");
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), msg))
     }

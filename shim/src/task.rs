@@ -227,16 +227,16 @@ impl TaskService {
         kestrel_seed::write_seed_image(&seed, &seed_path).map_err(|e| match e {
             kestrel_seed::SeedError::Io { .. } => ShimError::Io {
                 what: format!("write the cloud-init seed {}", seed_path.display()),
-                source: std::io::Error::other(crate::error::chain(&e)),
+                source: std::io::Error::other(vmm::error_chain(&e)),
             },
             other => ShimError::InvalidArgument(format!(
                 "cannot pass the environment to the VM: {}",
-                crate::error::chain(&other)
+                vmm::error_chain(&other)
             )),
         })?;
         let seed_disk = RawFile::open(&seed_path, true).map_err(|e| ShimError::Io {
             what: format!("open the cloud-init seed {}", seed_path.display()),
-            source: std::io::Error::other(crate::error::chain(&e)),
+            source: std::io::Error::other(vmm::error_chain(&e)),
         })?;
 
         let mut config = VmConfig::new(kernel);
@@ -554,7 +554,7 @@ async fn send(control: &ControlSender, action: VmAction, id: &str) -> Result<(),
         Ok(Err(vmm::ControlError::VmGone)) | Err(_) => Err(ShimError::VmGone(id.to_string())),
         Ok(Err(e)) => Err(ShimError::Io {
             what: format!("deliver {action:?} to task {id}"),
-            source: std::io::Error::other(crate::error::chain(&e)),
+            source: std::io::Error::other(vmm::error_chain(&e)),
         }),
     }
 }

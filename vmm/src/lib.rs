@@ -25,3 +25,16 @@ pub use config::{VmConfig, DEFAULT_CMDLINE};
 pub use device_manager::{DeviceMetrics, DiskConfig, NetConfig, TapSource, VsockConfig};
 pub use exit::VmExit;
 pub use vmm_thread::{ControlError, ControlSender, VmAction};
+
+/// An error and its causes on one line, outermost first (`what: why: why…`): how the CLI
+/// and the shim report errors.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
