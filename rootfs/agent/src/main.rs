@@ -25,6 +25,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use rustix::mount::{mount, MountFlags};
 use rustix::system::{reboot, RebootCommand};
+use rustix::termios::tcdrain;
 
 /// The VMM's boot-timer port: a write marks "guest user space is running".
 const BOOT_TIMER_PORT: u64 = 0x440;
@@ -167,6 +168,17 @@ struct Console {
 }
 
 impl Console {
+    /// Waits until the serial port has sent everything written so far. The tty layer
+    /// transmits asynchronously (by interrupt, maybe on another CPU); without this, the
+    /// VM can end before the last lines leave the guest.
+    fn drain(&self) {
+        // Not a tty (or already gone): nothing is queued in a tty buffer to wait for.
+        let _ = match &self.fallback {
+            Some(console) => tcdrain(console),
+            None => tcdrain(io::stdout()),
+        };
+    }
+
     /// Writes one whole line (ending in `\n`); there is nowhere left to report a failure to.
     fn line(&mut self, text: &str) {
         if let Some(console) = &mut self.fallback {
@@ -225,6 +237,7 @@ impl Ports {
 /// Ends the VM with `status`: the exit port first, then reboot. If both fail, PID 1
 /// exits, the kernel panics and `panic=-1` reboots.
 fn end_vm(console: &mut Console, ports: Option<&Ports>, status: u8) -> ! {
+    console.drain();
     if let Some(ports) = ports {
         if let Err(e) = ports.write(EXIT_PORT, status) {
             console.error(&e);

@@ -434,6 +434,8 @@ fn main() {
             1
         }
     };
+    // The tty sends asynchronously: let the result lines leave the guest first.
+    let _ = rustix::termios::tcdrain(io::stdout());
     match OpenOptions::new().write(true).open("/dev/port") {
         Ok(port) => {
             if let Err(e) = port.write_at(&[status], EXIT_PORT) {

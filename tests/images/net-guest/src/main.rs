@@ -527,6 +527,8 @@ fn run_clients(params: &Params) -> Vec<std::thread::JoinHandle<()>> {
 
 /// Ends the VM with `status` through the exit port, else by rebooting.
 fn end_vm(ports: &File, status: u8) -> ! {
+    // The tty sends asynchronously: let the console's last lines leave the guest first.
+    let _ = rustix::termios::tcdrain(io::stdout());
     if let Err(e) = ports.write_at(&[status], EXIT_PORT) {
         say(&format!("error: write port {EXIT_PORT:#x}: {e}"));
     }

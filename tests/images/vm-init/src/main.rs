@@ -189,6 +189,8 @@ impl Console {
 /// kernel panics and `panic=-1` reboots.
 fn power_off(console: &mut Console, status: u8) -> ! {
     sys::sync();
+    // The tty sends asynchronously: let the console's last lines leave the guest first.
+    let _ = rustix::termios::tcdrain(std::io::stdout());
     match OpenOptions::new().write(true).open("/dev/port") {
         Ok(port) => match port.write_at(&[status], EXIT_PORT) {
             Ok(1) => {}
