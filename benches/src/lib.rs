@@ -543,6 +543,30 @@ impl Table {
     }
 }
 
+/// The guest command line both VMMs boot with: kestrel's default.
+pub const GUEST_CMDLINE: &str = vmm::DEFAULT_CMDLINE;
+
+/// `cmdline` as qemu must be given it: on a kvm_pvm host, plus the kernel parameters that
+/// kestrel appends by itself there (kvm_pvm ignores the CPUID feature masks a VMM sets,
+/// for qemu's `-cpu host,-xsave,…` as for kestrel; see `vmm::arch::cpuid`).
+pub fn qemu_cmdline(cmdline: &str, kvm_pvm: bool) -> String {
+    let mut c = cmdline.to_string();
+    if kvm_pvm {
+        vmm::config::append_cmdline(&mut c, vmm::arch::cpuid::PVM_KERNEL_PARAMS);
+    }
+    c
+}
+
+/// qemu's `-cpu` for this host: the host CPU without the MSR qemu cannot set here and, on
+/// kvm_pvm, without paravirtual IPIs (they hang SMP bring-up; kestrel clears them too).
+pub fn qemu_cpu(kvm_pvm: bool) -> String {
+    let mut cpu = String::from("host,-arch-capabilities");
+    if kvm_pvm {
+        cpu.push_str(",-kvm-pv-ipi");
+    }
+    cpu
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

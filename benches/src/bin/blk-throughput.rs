@@ -46,8 +46,8 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use kestrel_benches::{
-    build_kestrel, own_target_dir, ratio, timed_run, version_line, which, workspace_root, Ended,
-    HostFacts, RunResult, Summary, Table,
+    build_kestrel, own_target_dir, qemu_cmdline, qemu_cpu, ratio, timed_run, version_line, which,
+    workspace_root, Ended, HostFacts, RunResult, Summary, Table, GUEST_CMDLINE,
 };
 
 const USAGE: &str = "usage: blk-throughput [--runs N] [--size-mib N] [--seconds N] [--seq-kib N]
@@ -62,37 +62,6 @@ const USAGE: &str = "usage: blk-throughput [--runs N] [--size-mib N] [--seconds 
   --qemu PATH       the baseline (default: qemu-system-x86_64 on $PATH)
   --qemu-cache MODE qemu -drive cache= mode (default writeback; none = O_DIRECT)
   --assets DIR      where vmlinux is (default: kestrel's search order)";
-
-/// kestrel's default guest command line, given to both VMMs.
-const LINUX_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd nomodule tsc=reliable";
-
-/// Appended on a kvm_pvm host for both VMMs (see `vmm-fixed-cost` and docs/kvm-pvm.md).
-const PVM_CMDLINE_EXTRA: &str =
-    "noxsave clearcpuid=cx16,popcnt,fsgsbase,rdpid,rdrand,rdseed,pcid,invpcid,smap,aes,pclmulqdq,sse4_2,sha_ni";
-
-/// CPU features qemu hides from the guest on a kvm_pvm host (as `vmm-fixed-cost`).
-const PVM_QEMU_MASK: &[&str] = &[
-    "cx16",
-    "popcnt",
-    "xsave",
-    "fsgsbase",
-    "rdpid",
-    "rdrand",
-    "rdseed",
-    "pcid",
-    "invpcid",
-    "smap",
-    "aes",
-    "pclmulqdq",
-    "sse4.2",
-    "sha-ni",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-];
 
 /// stderr lines after which a VMM will never exit on its own.
 const GIVE_UP: &[&str] = &["KVM internal error"];
@@ -364,17 +333,6 @@ fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
 
-fn qemu_cpu(kvm_pvm: bool) -> String {
-    let mut cpu = String::from("host,-arch-capabilities");
-    if kvm_pvm {
-        for f in PVM_QEMU_MASK {
-            cpu.push_str(",-");
-            cpu.push_str(f);
-        }
-    }
-    cpu
-}
-
 fn command_line(v: &Vmm) -> String {
     let mut s = v.program.display().to_string();
     for a in &v.args {
@@ -545,11 +503,8 @@ fn run(o: &Options) -> Result<bool, String> {
         o.size_mib
     );
 
-    let mut cmdline = LINUX_CMDLINE.to_string();
-    if host.kvm_pvm {
-        cmdline.push(' ');
-        cmdline.push_str(PVM_CMDLINE_EXTRA);
-    }
+    // kestrel adds its kvm_pvm parameters itself; qemu gets them through qemu_cmdline.
+    let mut cmdline = GUEST_CMDLINE.to_string();
     cmdline.push_str(&format!(
         " io_guest.size_mib={} io_guest.seconds={} io_guest.seq_kib={} io_guest.rand_kib={}",
         o.size_mib, o.seconds, o.seq_kib, o.rand_kib
@@ -606,7 +561,11 @@ fn run(o: &Options) -> Result<bool, String> {
             a.push(vmlinux.clone().into());
             a.push("-initrd".into());
             a.push(initramfs.clone().into());
-            a.extend(os(&["-append", &cmdline, "-drive"]));
+            a.extend(os(&[
+                "-append",
+                &qemu_cmdline(&cmdline, host.kvm_pvm),
+                "-drive",
+            ]));
             a.push(
                 format!(
                     "file={},format=raw,if=none,id=d0,cache={}",

@@ -51,7 +51,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kestrel_benches::{
-    build_kestrel, own_target_dir, version_line, which, workspace_root, HostFacts, Summary, Table,
+    build_kestrel, own_target_dir, qemu_cmdline, qemu_cpu, version_line, which, workspace_root,
+    HostFacts, Summary, Table, GUEST_CMDLINE,
 };
 
 const USAGE: &str =
@@ -62,14 +63,10 @@ const USAGE: &str =
   --qemu PATH     the baseline (default: qemu-system-x86_64 on $PATH)
   --assets DIR    where vmlinux is (default: $KESTREL_ASSETS, ~/.cache/kestrel/assets)";
 
-/// Copy of `vmm::arch::cpuid::PVM_KERNEL_PARAMS` (this crate does not depend on `vmm`):
-/// kestrel appends it on kvm_pvm hosts, qemu's guest needs the same.
-const PVM_KERNEL_PARAMS: &str =
-    "noxsave clearcpuid=129,141,145,148,151,153,158,288,298,306,308,317,534";
-
-/// kestrel's default command line (`vmm::DEFAULT_CMDLINE`) plus eth0's address.
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd \
-     nomodule tsc=reliable ip=10.0.2.2::10.0.2.1:255.255.255.0::eth0:off net_guest.bytes=0";
+/// kestrel's default guest command line plus the guest's address (what net-guest reads).
+fn cmdline() -> String {
+    format!("{GUEST_CMDLINE} ip=10.0.2.2::10.0.2.1:255.255.255.0::eth0:off net_guest.bytes=0")
+}
 
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const TCP_SOURCE: u16 = 7002;
@@ -633,7 +630,7 @@ fn run(opts: &Options) -> Result<bool, String> {
         .arg(&vmlinux)
         .arg("--initrd")
         .arg(&initramfs)
-        .args(["--cmdline", CMDLINE, "--net", "tap=tapk", "--vsock"])
+        .args(["--cmdline", &cmdline(), "--net", "tap=tapk", "--vsock"])
         .arg(format!("cid=3,socket={}", socket.display()));
     let mut vm = Vm::spawn(cmd, work.join("kestrel.stderr"))?;
     let ready = vm.wait_ready().map_err(|e| format!("kestrel: {e}"))?;
@@ -655,18 +652,14 @@ fn run(opts: &Options) -> Result<bool, String> {
     let mut q = Rates::default();
     if let Some(qemu) = &qemu {
         ns.tap("tapq", Some("tapk"))?;
-        let mut cmdline = CMDLINE.to_owned();
-        if host.kvm_pvm {
-            cmdline.push(' ');
-            cmdline.push_str(PVM_KERNEL_PARAMS);
-        }
+        let cmdline = qemu_cmdline(&cmdline(), host.kvm_pvm);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.0]).arg(qemu).args([
             "-M",
             "microvm,acpi=off,rtc=off",
             "-enable-kvm",
             "-cpu",
-            "host,-arch-capabilities",
+            &qemu_cpu(host.kvm_pvm),
             "-m",
             "128",
             "-smp",

@@ -34,8 +34,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use kestrel_benches::{
-    assemble_payload, build_kestrel, ms, own_target_dir, ratio, timed_run, version_line, which,
-    Ended, HostFacts, RunResult, Summary, Table,
+    assemble_payload, build_kestrel, ms, own_target_dir, qemu_cmdline, qemu_cpu, ratio, timed_run,
+    version_line, which, Ended, HostFacts, RunResult, Summary, Table, GUEST_CMDLINE,
 };
 
 const USAGE: &str =
@@ -58,43 +58,6 @@ const QEMU_PAYLOAD_STATUS: i32 = (42 << 1) | 1;
 const KESTREL_LINUX_STATUS: i32 = 0;
 const QEMU_LINUX_STATUS: i32 = 1;
 
-/// kestrel's default guest command line (`vmm::DEFAULT_CMDLINE`), passed explicitly to
-/// both VMMs so that they boot the same kernel the same way.
-const LINUX_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd nomodule tsc=reliable";
-
-/// Appended to the command line of both VMMs' Linux boots on a kvm_pvm host: there the
-/// CPUID a VMM sets does not hide XSAVE, POPCNT, SSE4.2, AVX… from the guest (measured:
-/// leaf 1 ECX still shows them under both kestrel and qemu `-cpu host,-xsave,…`), and the
-/// guest dies on `xrstor`/`popcnt` with an emulation failure. The kernel's own switches do
-/// hide them (docs/kvm-pvm.md; `clearcpuid` is cut at 127 characters).
-const PVM_CMDLINE_EXTRA: &str =
-    "noxsave clearcpuid=cx16,popcnt,fsgsbase,rdpid,rdrand,rdseed,pcid,invpcid,smap,aes,pclmulqdq,sse4_2,sha_ni";
-
-/// What kvm_pvm's instruction emulator cannot run (docs/kvm-pvm.md); kestrel hides the
-/// same features in the CPUID it sets on such a host, so qemu gets them masked too.
-const PVM_QEMU_MASK: &[&str] = &[
-    "cx16",
-    "popcnt",
-    "xsave",
-    "fsgsbase",
-    "rdpid",
-    "rdrand",
-    "rdseed",
-    "pcid",
-    "invpcid",
-    "smap",
-    "aes",
-    "pclmulqdq",
-    "sse4.2",
-    "sha-ni",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-];
-
 /// stderr lines after which a VMM will never exit on its own: qemu stops the guest on a
 /// KVM internal error and waits (kestrel exits with status 125).
 const GIVE_UP: &[&str] = &["KVM internal error"];
@@ -112,7 +75,7 @@ struct Options {
     kestrel: Option<PathBuf>,
     qemu: Option<PathBuf>,
     assets: Option<PathBuf>,
-    /// `None`: [`LINUX_CMDLINE`], plus [`PVM_CMDLINE_EXTRA`] on a kvm_pvm host.
+    /// `None`: [`GUEST_CMDLINE`] (kestrel's default; qemu also gets the kvm_pvm parameters).
     cmdline: Option<String>,
 }
 
@@ -181,17 +144,6 @@ impl Vmm {
 
 fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
-}
-
-fn qemu_cpu(kvm_pvm: bool) -> String {
-    let mut cpu = String::from("host,-arch-capabilities");
-    if kvm_pvm {
-        for f in PVM_QEMU_MASK {
-            cpu.push_str(",-");
-            cpu.push_str(f);
-        }
-    }
-    cpu
 }
 
 fn mib(kib: u64) -> f64 {
@@ -540,17 +492,18 @@ fn linux_boot(
         "== Linux boot to init: {} boot(s) per VMM, interleaved, 1 vCPU, 128 MiB, killed after {:?}",
         opts.linux_runs, LINUX_TIMEOUT
     );
-    let cmdline = match &opts.cmdline {
-        Some(c) => c.clone(),
-        None if host.kvm_pvm => {
-            println!(
-                "kvm_pvm host: appending `{PVM_CMDLINE_EXTRA}` to both command lines \
-                 (the CPUID a VMM sets does not hide these features here)"
-            );
-            format!("{LINUX_CMDLINE} {PVM_CMDLINE_EXTRA}")
-        }
-        None => LINUX_CMDLINE.to_string(),
-    };
+    // kestrel adds its kvm_pvm parameters itself; qemu is given the same ones.
+    let cmdline = opts
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| GUEST_CMDLINE.to_string());
+    let qemu_append = qemu_cmdline(&cmdline, host.kvm_pvm);
+    if qemu_append != cmdline {
+        println!(
+            "kvm_pvm host: qemu's command line also gets `{}` (kestrel adds it by itself)",
+            vmm::arch::cpuid::PVM_KERNEL_PARAMS
+        );
+    }
     println!("kernel: {}", vmlinux.display());
     println!("initramfs: {}", initramfs.display());
     let kestrel_vmm = Vmm {
@@ -607,7 +560,7 @@ fn linux_boot(
             a.push(initramfs.clone().into());
             a.extend(os(&[
                 "-append",
-                &cmdline,
+                &qemu_append,
                 "-device",
                 "isa-debug-exit,iobase=0x444,iosize=1",
             ]));
