@@ -567,6 +567,55 @@ pub fn qemu_cpu(kvm_pvm: bool) -> String {
     cpu
 }
 
+/// `args` as the `OsString`s a `Command` takes.
+pub fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
+    args.iter().map(std::ffi::OsString::from).collect()
+}
+
+/// qemu `-M microvm` arguments that boot `vmlinux` + `initramfs` the way kestrel boots a
+/// Linux guest: 1 vCPU, 128 MiB, console on stdio, no ACPI and no RTC (the platform kestrel
+/// gives the guest), `-no-reboot` (a guest reset ends qemu as it ends kestrel), kestrel's
+/// exit port (`isa-debug-exit` at 0x444: a write of v exits with `(v << 1) | 1`), and on a
+/// kvm_pvm host the quirks kestrel applies by itself ([`qemu_cpu`], [`qemu_cmdline`]).
+/// `machine_extra` is appended to the machine options; callers add their devices after.
+pub fn qemu_linux_args(
+    machine_extra: &str,
+    kvm_pvm: bool,
+    vmlinux: &Path,
+    initramfs: &Path,
+    cmdline: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut a = os(&[
+        "-M",
+        &format!("microvm,acpi=off,rtc=off{machine_extra}"),
+        "-enable-kvm",
+        "-cpu",
+        &qemu_cpu(kvm_pvm),
+        "-m",
+        "128",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0x444,iosize=1",
+        "-kernel",
+    ]);
+    a.push(vmlinux.into());
+    a.push("-initrd".into());
+    a.push(initramfs.into());
+    a.push("-append".into());
+    a.push(qemu_cmdline(cmdline, kvm_pvm).into());
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

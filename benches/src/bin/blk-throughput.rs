@@ -46,7 +46,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use kestrel_benches::{
-    build_kestrel, own_target_dir, qemu_cmdline, qemu_cpu, ratio, timed_run, version_line, which,
+    build_kestrel, os, own_target_dir, qemu_linux_args, ratio, timed_run, version_line, which,
     workspace_root, Ended, HostFacts, RunResult, Summary, Table, GUEST_CMDLINE,
 };
 
@@ -329,10 +329,6 @@ struct Vmm {
     expect_status: i32,
 }
 
-fn os(args: &[&str]) -> Vec<OsString> {
-    args.iter().map(OsString::from).collect()
-}
-
 fn command_line(v: &Vmm) -> String {
     let mut s = v.program.display().to_string();
     for a in &v.args {
@@ -537,35 +533,8 @@ fn run(o: &Options) -> Result<bool, String> {
         args: {
             // acpi=off, rtc=off: the platform kestrel gives the guest. The automatic
             // command line stays on: it adds the virtio_mmio.device= entry of the disk.
-            let mut a = os(&[
-                "-M",
-                "microvm,acpi=off,rtc=off",
-                "-enable-kvm",
-                "-cpu",
-                &qemu_cpu(host.kvm_pvm),
-                "-m",
-                "128",
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-monitor",
-                "none",
-                "-no-reboot",
-                "-kernel",
-            ]);
-            a.push(vmlinux.clone().into());
-            a.push("-initrd".into());
-            a.push(initramfs.clone().into());
-            a.extend(os(&[
-                "-append",
-                &qemu_cmdline(&cmdline, host.kvm_pvm),
-                "-drive",
-            ]));
+            let mut a = qemu_linux_args("", host.kvm_pvm, &vmlinux, &initramfs, &cmdline);
+            a.push("-drive".into());
             a.push(
                 format!(
                     "file={},format=raw,if=none,id=d0,cache={}",
@@ -574,12 +543,7 @@ fn run(o: &Options) -> Result<bool, String> {
                 )
                 .into(),
             );
-            a.extend(os(&[
-                "-device",
-                "virtio-blk-device,drive=d0",
-                "-device",
-                "isa-debug-exit,iobase=0x444,iosize=1",
-            ]));
+            a.extend(os(&["-device", "virtio-blk-device,drive=d0"]));
             a
         },
         // isa-debug-exit: a write of v exits with (v << 1) | 1.

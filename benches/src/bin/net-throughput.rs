@@ -51,8 +51,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kestrel_benches::{
-    build_kestrel, own_target_dir, qemu_cmdline, qemu_cpu, version_line, which, workspace_root,
-    HostFacts, Summary, Table, GUEST_CMDLINE,
+    build_kestrel, own_target_dir, qemu_linux_args, version_line, which, workspace_root, HostFacts,
+    Summary, Table, GUEST_CMDLINE,
 };
 
 const USAGE: &str =
@@ -652,40 +652,22 @@ fn run(opts: &Options) -> Result<bool, String> {
     let mut q = Rates::default();
     if let Some(qemu) = &qemu {
         ns.tap("tapq", Some("tapk"))?;
-        let cmdline = qemu_cmdline(&cmdline(), host.kvm_pvm);
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.0]).arg(qemu).args([
-            "-M",
-            "microvm,acpi=off,rtc=off",
-            "-enable-kvm",
-            "-cpu",
-            &qemu_cpu(host.kvm_pvm),
-            "-m",
-            "128",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-device",
-            "isa-debug-exit,iobase=0x444,iosize=1",
-            "-netdev",
-            "tap,id=n0,ifname=tapq,script=no,downscript=no,vhost=off",
-            "-device",
-            "virtio-net-device,netdev=n0",
-        ]);
-        cmd.arg("-kernel")
-            .arg(&vmlinux)
-            .arg("-initrd")
-            .arg(&initramfs)
-            .arg("-append")
-            .arg(&cmdline);
+        cmd.args(["netns", "exec", &ns.0])
+            .arg(qemu)
+            .args(qemu_linux_args(
+                "",
+                host.kvm_pvm,
+                &vmlinux,
+                &initramfs,
+                &cmdline(),
+            ))
+            .args([
+                "-netdev",
+                "tap,id=n0,ifname=tapq,script=no,downscript=no,vhost=off",
+                "-device",
+                "virtio-net-device,netdev=n0",
+            ]);
         match Vm::spawn(cmd, work.join("qemu.stderr")) {
             Ok(mut vm) => match vm.wait_ready() {
                 Ok(ready) => {

@@ -34,7 +34,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use kestrel_benches::{
-    assemble_payload, build_kestrel, ms, own_target_dir, qemu_cmdline, qemu_cpu, ratio, timed_run,
+    assemble_payload, build_kestrel, ms, os, own_target_dir, qemu_linux_args, ratio, timed_run,
     version_line, which, Ended, HostFacts, RunResult, Summary, Table, GUEST_CMDLINE,
 };
 
@@ -140,10 +140,6 @@ impl Vmm {
         }
         s
     }
-}
-
-fn os(args: &[&str]) -> Vec<OsString> {
-    args.iter().map(OsString::from).collect()
 }
 
 fn mib(kib: u64) -> f64 {
@@ -497,8 +493,7 @@ fn linux_boot(
         .cmdline
         .clone()
         .unwrap_or_else(|| GUEST_CMDLINE.to_string());
-    let qemu_append = qemu_cmdline(&cmdline, host.kvm_pvm);
-    if qemu_append != cmdline {
+    if host.kvm_pvm {
         println!(
             "kvm_pvm host: qemu's command line also gets `{}` (kestrel adds it by itself)",
             vmm::arch::cpuid::PVM_KERNEL_PARAMS
@@ -534,37 +529,13 @@ fn linux_boot(
             // auto-kernel-cmdline=off: qemu appends nothing, both guests get the same
             // command line. -no-reboot: the agent's fallback reboot ends qemu as it ends
             // kestrel.
-            let mut a = os(&[
-                "-M",
-                "microvm,acpi=off,rtc=off,auto-kernel-cmdline=off",
-                "-enable-kvm",
-                "-cpu",
-                &qemu_cpu(host.kvm_pvm),
-                "-m",
-                "128",
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-monitor",
-                "none",
-                "-no-reboot",
-                "-kernel",
-            ]);
-            a.push(vmlinux.clone().into());
-            a.push("-initrd".into());
-            a.push(initramfs.clone().into());
-            a.extend(os(&[
-                "-append",
-                &qemu_append,
-                "-device",
-                "isa-debug-exit,iobase=0x444,iosize=1",
-            ]));
-            a
+            qemu_linux_args(
+                ",auto-kernel-cmdline=off",
+                host.kvm_pvm,
+                &vmlinux,
+                &initramfs,
+                &cmdline,
+            )
         },
         expect_status: QEMU_LINUX_STATUS,
     });
