@@ -646,12 +646,20 @@ fn have_qemu_img() -> bool {
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // qemu-img times LUKS key derivation by CPU time and, on a loaded machine, can fail
+    // with "Unable to get accurate CPU usage"; that is test setup, so try it again.
+    let mut last = String::new();
+    for _ in 0..5 {
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        if out.status.success() {
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !last.contains("Unable to get accurate CPU usage") {
+            break;
+        }
+    }
+    panic!("qemu-img {args:?}: {last}");
 }
 
 fn s(p: &Path) -> &str {
