@@ -1,11 +1,22 @@
 //! `containerd-shim-kestrel-v2`: containerd's runtime `io.containerd.kestrel.v2`.
 //!
 //! One binary, two roles: the containerd shim v2 (ttrpc task API, events) and the VMM
-//! (through the `vmm` crate, on its own threads inside this process). Today a task is a
-//! VM image shipped as an OCI image (`/disk/*.qcow2`, KubeVirt's containerDisk layout).
+//! (through the `vmm` crate, on its own threads inside this process). A task is either an
+//! ordinary container, whose processes the guest agent runs inside the VM, or a VM image
+//! shipped as an OCI image (`/disk/*.qcow2`, KubeVirt's containerDisk layout).
+//!
+//! Pieces: [`task`] (the ttrpc edge) → [`model`] (states, exits, ordered [`events`]) →
+//! [`guest`] (the seam) → [`host`] (the real guest: [`vm_image`], or [`rootfs`] +
+//! [`agent`]).
 
+mod agent;
 mod console;
 mod error;
+mod events;
+mod guest;
+mod host;
+mod model;
+mod rootfs;
 mod service;
 mod spec;
 mod task;

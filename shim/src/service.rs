@@ -11,6 +11,9 @@ use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::util::timestamp;
 use containerd_shim::{Config, DeleteResponse, Flags, StartOpts};
 
+use crate::events;
+use crate::host::Host;
+use crate::model::Model;
 use crate::task::{cleanup_after_shim, TaskService};
 use crate::vm_image::StateDirs;
 
@@ -64,6 +67,9 @@ impl Shim for Service {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        TaskService::new(publisher, self.namespace.clone(), self.exit.clone())
+        let (tx, rx) = events::channel();
+        tokio::spawn(events::forward(rx, publisher, self.namespace.clone()));
+        let host = Host::new(StateDirs::from_env(), self.namespace.clone(), &self.id);
+        TaskService::new(Model::new(Arc::new(host), tx), self.exit.clone())
     }
 }

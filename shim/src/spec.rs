@@ -1,5 +1,6 @@
-//! What the shim takes from the OCI runtime spec of a VM-image task: the VM's size, the
-//! environment for the guest, the hostname, and kestrel's annotations.
+//! What the shim takes from a task's OCI runtime spec: the VM's size (for a VM image, and
+//! for an ordinary container's VM), the environment for the guest, the hostname, and
+//! kestrel's annotations.
 
 use oci_spec::runtime::Spec;
 
@@ -13,6 +14,14 @@ pub const ANN_ROOT: &str = "io.kestrel.vm.root";
 pub const ANN_CMDLINE: &str = "io.kestrel.vm.cmdline";
 /// Annotation: seconds between a SIGTERM's Ctrl-Alt-Del and stopping the VM.
 pub const ANN_GRACE: &str = "io.kestrel.vm.shutdown_grace_seconds";
+/// Annotation: seconds a container's VM may take to boot until its agent answers.
+pub const ANN_AGENT_TIMEOUT: &str = "io.kestrel.vm.agent_timeout_seconds";
+
+/// Guest memory a container's VM has beyond the container's memory limit (kernel, agent).
+pub const CONTAINER_VM_OVERHEAD_MIB: u64 = 128;
+/// How long a container's VM may take to boot by default: well under a second on
+/// hardware KVM, tens of seconds where guest kernel code is emulated (kvm_pvm).
+pub const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 300;
 
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 pub const DEFAULT_CPUS: u8 = 1;
@@ -55,8 +64,42 @@ fn annotation_number(spec: &Spec, key: &'static str) -> Result<Option<u64>, Spec
         })
 }
 
-/// Reads the VM's shape from `spec`; `id` is the fallback hostname.
-pub fn vm_spec(spec: &Spec, id: &str) -> Result<VmSpec, SpecError> {
+/// The VM of an ordinary container (run by the guest agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerVm {
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub extra_cmdline: Option<String>,
+    pub agent_timeout_secs: u64,
+}
+
+/// The VM for container `spec`: the annotations, else the container's CPU quota and its
+/// memory limit plus [`CONTAINER_VM_OVERHEAD_MIB`] (the limit itself applies to the
+/// container's cgroup in the guest).
+pub fn container_vm(spec: &Spec) -> Result<ContainerVm, SpecError> {
+    let (quota_cpus, limit_mib) = resource_hints(spec);
+    let cpus = annotation_number(spec, ANN_CPUS)?
+        .or(quota_cpus)
+        .map_or(DEFAULT_CPUS, |n| u8::try_from(n).unwrap_or(u8::MAX));
+    let memory_mib = match annotation_number(spec, ANN_MEMORY)? {
+        Some(m) => m,
+        None => CONTAINER_VM_OVERHEAD_MIB + limit_mib.unwrap_or(0),
+    };
+    Ok(ContainerVm {
+        cpus,
+        memory_mib,
+        extra_cmdline: spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(ANN_CMDLINE))
+            .cloned(),
+        agent_timeout_secs: annotation_number(spec, ANN_AGENT_TIMEOUT)?
+            .unwrap_or(DEFAULT_AGENT_TIMEOUT_SECS),
+    })
+}
+
+/// The CPU count a CPU quota asks for, and the memory limit in MiB.
+fn resource_hints(spec: &Spec) -> (Option<u64>, Option<u64>) {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let quota_cpus = resources.and_then(|r| r.cpu().as_ref()).and_then(|c| {
         let quota = u64::try_from(c.quota()?).ok().filter(|q| *q > 0)?;
@@ -68,7 +111,14 @@ pub fn vm_spec(spec: &Spec, id: &str) -> Result<VmSpec, SpecError> {
         .and_then(|m| m.limit())
         .and_then(|l| u64::try_from(l).ok())
         .filter(|l| *l > 0)
-        .map(|l| (l >> 20).max(MIN_MEMORY_MIB));
+        .map(|l| l >> 20);
+    (quota_cpus, limit_mib)
+}
+
+/// Reads the VM's shape from `spec`; `id` is the fallback hostname.
+pub fn vm_spec(spec: &Spec, id: &str) -> Result<VmSpec, SpecError> {
+    let (quota_cpus, limit_mib) = resource_hints(spec);
+    let limit_mib = limit_mib.map(|l| l.max(MIN_MEMORY_MIB));
 
     let cpus = annotation_number(spec, ANN_CPUS)?
         .or(quota_cpus)
@@ -182,6 +232,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.memory_mib, MIN_MEMORY_MIB);
+    }
+
+    #[test]
+    fn container_vms_add_room_for_the_guest() {
+        let v = container_vm(&spec(r#"{"ociVersion":"1.0.2"}"#)).unwrap();
+        assert_eq!(
+            (v.cpus, v.memory_mib, v.agent_timeout_secs),
+            (1, CONTAINER_VM_OVERHEAD_MIB, DEFAULT_AGENT_TIMEOUT_SECS)
+        );
+        let v = container_vm(&spec(
+            r#"{"ociVersion":"1.0.2","annotations":{"io.kestrel.vm.agent_timeout_seconds":"9"},"linux":{"resources":{"cpu":{"quota":200000,"period":100000},"memory":{"limit":268435456}}}}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            (v.cpus, v.memory_mib, v.agent_timeout_secs),
+            (2, 256 + CONTAINER_VM_OVERHEAD_MIB, 9)
+        );
+        let v = container_vm(&spec(
+            r#"{"ociVersion":"1.0.2","annotations":{"io.kestrel.vm.memory_mib":"512","io.kestrel.vm.cmdline":"loglevel=7"}}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            (v.memory_mib, v.extra_cmdline.as_deref()),
+            (512, Some("loglevel=7"))
+        );
+        assert!(container_vm(&spec(
+            r#"{"ociVersion":"1.0.2","annotations":{"io.kestrel.vm.agent_timeout_seconds":"soon"}}"#
+        ))
+        .is_err());
     }
 
     #[test]

@@ -3,14 +3,25 @@
 //! raw base in the image cache (keyed by its content digest) and each task gets its own
 //! copy-on-write overlay over that base.
 //!
-//! Runs on tokio's blocking pool during Create (conversion may take seconds); nothing here
-//! touches the VM.
+//! [`prepare_task`] runs on tokio's blocking pool during Create (conversion may take
+//! seconds); a [`VmImageTask`] then starts, signals and awaits the VM from the shim's
+//! runtime, reaching the VMM thread only through its non-blocking control channel.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
+use containerd_shim::protos::ttrpc::Code;
+use devices::disk::raw::RawFile;
 use devices::image::vm_disk::{self, ExistingOverlay, ImageDirs, PreparedDisk, VmDiskError};
+use tokio::sync::{oneshot, watch};
+use vmm::{ControlSender, DiskConfig, VmAction, VmConfig, VmExit};
+
+use crate::console::{self, ConsoleWriter};
+use crate::guest::{GuestError, NewContainer};
+use crate::spec::{self, VmSpec};
 
 /// The directory of a containerDisk image that holds the disk.
 pub const DISK_DIR: &str = "disk";
@@ -130,6 +141,218 @@ pub fn prepare(
         },
     )
     .map_err(ImageError::Disk)
+}
+
+/// The guest kernel's command line for a VM image booted from its first disk.
+pub fn kernel_cmdline(vm: &VmSpec, root_device: &str) -> String {
+    let root = vm.root.as_deref().unwrap_or(root_device);
+    let mut c = format!("{} root={root} rw", vmm::DEFAULT_CMDLINE);
+    if let Some(extra) = vm
+        .extra_cmdline
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        vmm::config::append_cmdline(&mut c, extra);
+    }
+    c
+}
+
+fn host_err(
+    what: impl Into<String>,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> GuestError {
+    let what = what.into();
+    move |source| GuestError::Host {
+        what,
+        code: Code::INTERNAL,
+        source,
+    }
+}
+
+/// A VM-image container: its process is the VM.
+pub struct VmImageTask {
+    grace: Duration,
+    pending: Mutex<Option<(Box<VmConfig>, ConsoleWriter)>>,
+    control: Mutex<Option<ControlSender>>,
+    exit: watch::Sender<Option<u32>>,
+}
+
+/// Prepares the VM of container `c`, whose image files are at `rootfs` and hold `disk`:
+/// the base and overlay, the cloud-init seed (the spec's environment reaches
+/// `/etc/cloud/environment`), the console on containerd's FIFOs. Blocking.
+pub fn prepare_task(
+    dirs: &StateDirs,
+    ns: &str,
+    c: &NewContainer,
+    disk: &Path,
+) -> Result<VmImageTask, GuestError> {
+    let vm = spec::vm_spec(&c.spec, &c.id).map_err(|e| GuestError::Invalid(e.to_string()))?;
+    let prepared = prepare(dirs, disk, ns, &c.id).map_err(|e| {
+        let code = if e.is_user_error() {
+            Code::FAILED_PRECONDITION
+        } else {
+            Code::INTERNAL
+        };
+        GuestError::host("prepare the VM image", code, e)
+    })?;
+    let kernel = vmm::assets::default_asset(vmm::assets::KERNEL)
+        .map_err(|e| GuestError::host("find the guest kernel", Code::FAILED_PRECONDITION, e))?;
+
+    // The cloud-init NoCloud seed: the environment reaches /etc/cloud/environment.
+    let seed_path = Path::new(&c.bundle).join("cidata.img");
+    let seed = kestrel_seed::Seed {
+        instance_id: c.id.clone(),
+        hostname: vm.hostname.clone(),
+        env: vm.env.clone(),
+        extra_user_data: None,
+    };
+    kestrel_seed::write_seed_image(&seed, &seed_path).map_err(|e| {
+        let code = match e {
+            kestrel_seed::SeedError::Io { .. } => Code::INTERNAL,
+            _ => Code::INVALID_ARGUMENT,
+        };
+        GuestError::host(
+            "write the cloud-init seed (the environment for the VM)",
+            code,
+            e,
+        )
+    })?;
+    let seed_disk = RawFile::open(&seed_path, true).map_err(|e| {
+        host_err(format!("open the cloud-init seed {}", seed_path.display()))(Box::new(e))
+    })?;
+    let (sink, writer) = console::start(&c.stdio.stdout, &c.stdio.stderr)
+        .map_err(|e| host_err("start the console writer")(Box::new(e)))?;
+    let console_in = console::open_stdin(&c.stdio.stdin)
+        .map_err(|e| host_err(format!("open stdin {}", c.stdio.stdin))(Box::new(e)))?;
+
+    let mut config = VmConfig::new(kernel);
+    config.initrd = None;
+    config.cmdline = kernel_cmdline(&vm, &prepared.root_device);
+    config.vcpus = vm.cpus;
+    config.memory_mib = vm.memory_mib;
+    config.disks.push(DiskConfig {
+        backend: Box::new(prepared.overlay),
+        serial: Some("kestrel-root".into()),
+    });
+    config.disks.push(DiskConfig {
+        backend: Box::new(seed_disk),
+        serial: Some("cidata".into()),
+    });
+    config.console_out = Box::new(sink);
+    config.console_in = console_in;
+    log::info!(
+        "task {}: VM image, {} vCPU(s), {} MiB, base {}, overlay {}",
+        c.id,
+        vm.cpus,
+        vm.memory_mib,
+        prepared.base.display(),
+        prepared.overlay_path.display()
+    );
+    Ok(VmImageTask {
+        grace: Duration::from_secs(vm.grace_secs),
+        pending: Mutex::new(Some((Box::new(config), writer))),
+        control: Mutex::new(None),
+        exit: watch::channel(None).0,
+    })
+}
+
+async fn send(control: &ControlSender, action: VmAction) -> Result<(), GuestError> {
+    let (tx, rx) = oneshot::channel();
+    control.send(
+        action,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(vmm::ControlError::VmGone)) | Err(_) => Err(GuestError::VmGone),
+        Ok(Err(e)) => Err(host_err(format!("deliver {action:?} to the VM"))(Box::new(
+            e,
+        ))),
+    }
+}
+
+impl VmImageTask {
+    fn take_pending(&self) -> Option<(Box<VmConfig>, ConsoleWriter)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Boots the VM; its end is awaited by [`VmImageTask::wait`].
+    pub async fn start(&self, id: &str) -> Result<(), GuestError> {
+        let Some((mut config, writer)) = self.take_pending() else {
+            return Err(GuestError::Invalid(format!(
+                "the VM of task {id} was already started"
+            )));
+        };
+        let (vm_exit_tx, vm_exit_rx) = oneshot::channel::<VmExit>();
+        config.on_exit = Some(Box::new(move |exit: &VmExit| {
+            let _ = vm_exit_tx.send(exit.clone());
+        }));
+        let started = tokio::task::spawn_blocking(move || vmm::start_vm(*config))
+            .await
+            .map_err(|e| host_err("start the VM")(Box::new(e)))?;
+        let handle = started.map_err(|e| host_err("start the VM")(Box::new(e)))?;
+        *self.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.control());
+        // The VMM thread owns the VM from here; the handle only joins it.
+        tokio::task::spawn_blocking(move || drop(handle.wait()));
+        let exit = self.exit.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let vm_exit = vm_exit_rx.await.unwrap_or_else(|_| {
+                VmExit::Crashed("the VMM thread ended without a report".into())
+            });
+            log::info!("task {id}: {vm_exit}");
+            // The console drains and closes the FIFOs before the exit is reported.
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            exit.send_replace(Some(vm_exit.status() as u32));
+        });
+        Ok(())
+    }
+
+    pub async fn wait(&self) -> u32 {
+        let mut rx = self.exit.subscribe();
+        let status = rx.wait_for(Option::is_some).await.ok().and_then(|s| *s);
+        status.unwrap_or(crate::model::EXIT_UNKNOWN)
+    }
+
+    /// SIGTERM, SIGINT and SIGPWR ask the guest to shut down (Ctrl-Alt-Del) and stop the VM
+    /// after the grace period; SIGKILL stops it now. Before start, the VM is dropped.
+    pub async fn kill(&self, id: &str, signal: u32) -> Result<(), GuestError> {
+        if let Some((config, writer)) = self.take_pending() {
+            drop(config);
+            drop(writer);
+            return Ok(());
+        }
+        let control = self
+            .control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(GuestError::VmGone)?;
+        match signal as i32 {
+            libc::SIGKILL => send(&control, VmAction::Stop).await,
+            libc::SIGTERM | libc::SIGINT | libc::SIGPWR => {
+                send(&control, VmAction::CtrlAltDel).await?;
+                let grace = self.grace;
+                log::info!("task {id}: asked the guest to shut down; stopping it in {grace:?} if it has not");
+                let id = id.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if send(&control, VmAction::Stop).await.is_ok() {
+                        log::info!("task {id}: the guest did not shut down within {grace:?}; stopped it");
+                    }
+                });
+                Ok(())
+            }
+            other => Err(GuestError::Invalid(format!(
+                "signal {other} cannot be delivered to a VM (SIGTERM/SIGINT/SIGPWR ask the guest to shut down, SIGKILL stops it)"
+            ))),
+        }
+    }
 }
 
 /// Removes what a task left in the state directories. Idempotent.

@@ -46,6 +46,13 @@ pub enum CacheError {
         #[source]
         source: ConvertError,
     },
+    /// A caller's builder (see [`ImageCache::get_or_build`]) failed.
+    #[error("cannot build {what}")]
+    Build {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CacheError {
@@ -123,8 +130,35 @@ impl ImageCache {
             Some(d) => d.to_string(),
             None => sha256_file(source).map_err(io_err("source image", source))?,
         };
-        let stem = file_stem(&digest)?;
-        if let Some(found) = self.lookup(&digest)? {
+        let mut stats = None;
+        let mut image = self.get_or_build(&digest, &mut |output, _| {
+            let input = File::open(source).map_err(io_err("source image", source))?;
+            let format = detect_format(&input).map_err(io_err("source image", source))?;
+            let s = convert(&input, format, output, progress).map_err(|source_err| {
+                CacheError::Convert {
+                    path: source.to_path_buf(),
+                    source: source_err,
+                }
+            })?;
+            let size = s.virtual_size;
+            stats = Some(s);
+            Ok(size)
+        })?;
+        image.converted = stats;
+        Ok(image)
+    }
+
+    /// Returns the base stored under `digest`, building it with `build` if it is not
+    /// cached. `build(file, path)` fills the new, empty temporary file (open read-write at
+    /// `path`) and returns the disk's size; the cache then makes it read-only and durable
+    /// and renames it into place. Concurrent callers for one digest build it once.
+    pub fn get_or_build(
+        &self,
+        digest: &str,
+        build: &mut dyn FnMut(&File, &Path) -> Result<u64, CacheError>,
+    ) -> Result<CachedImage, CacheError> {
+        let stem = file_stem(digest)?;
+        if let Some(found) = self.lookup(digest)? {
             return Ok(found);
         }
         fs::create_dir_all(&self.root).map_err(io_err("cache directory", &self.root))?;
@@ -141,41 +175,38 @@ impl ImageCache {
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| io_err("lock file", &lock_path)(e.into()))?;
         // Another caller may have finished while we waited.
-        if let Some(found) = self.lookup(&digest)? {
+        if let Some(found) = self.lookup(digest)? {
             return Ok(found);
         }
 
         let final_path = self.root.join(format!("{stem}.raw"));
         let tmp_path = self.root.join(format!(".{stem}.raw.tmp"));
-        let result = self.build(source, &tmp_path, &final_path, progress);
+        let result = self.build(&tmp_path, &final_path, build);
         if result.is_err() {
             let _ = fs::remove_file(&tmp_path);
         }
-        let stats = result?;
+        let virtual_size = result?;
         drop(lock);
         Ok(CachedImage {
             path: final_path,
-            digest,
-            virtual_size: stats.virtual_size,
-            converted: Some(stats),
+            digest: digest.to_string(),
+            virtual_size,
+            converted: None,
         })
     }
 
     fn build(
         &self,
-        source: &Path,
         tmp_path: &Path,
         final_path: &Path,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<ConvertStats, CacheError> {
+        build: &mut dyn FnMut(&File, &Path) -> Result<u64, CacheError>,
+    ) -> Result<u64, CacheError> {
         // A leftover from a crashed builder (we hold the lock, so nobody else writes it).
         match fs::remove_file(tmp_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("temporary base", tmp_path)(e)),
         }
-        let input = File::open(source).map_err(io_err("source image", source))?;
-        let format = detect_format(&input).map_err(io_err("source image", source))?;
         let output = OpenOptions::new()
             .read(true)
             .write(true)
@@ -183,12 +214,7 @@ impl ImageCache {
             .mode(0o644)
             .open(tmp_path)
             .map_err(io_err("temporary base", tmp_path))?;
-        let stats = convert(&input, format, &output, progress).map_err(|source_err| {
-            CacheError::Convert {
-                path: source.to_path_buf(),
-                source: source_err,
-            }
-        })?;
+        let size = build(&output, tmp_path)?;
         output
             .set_permissions(fs::Permissions::from_mode(0o444))
             .map_err(io_err("temporary base", tmp_path))?;
@@ -200,7 +226,7 @@ impl ImageCache {
         File::open(&self.root)
             .and_then(|d| d.sync_all())
             .map_err(io_err("cache directory", &self.root))?;
-        Ok(stats)
+        Ok(size)
     }
 }
 

@@ -1,7 +1,12 @@
 //! `kestrel-agent`: PID 1 of kestrel's guest initramfs.
 //!
-//! For now the agent proves that a kestrel microVM boots all the way to user space and
-//! reports what the guest sees, then ends the VM:
+//! Two modes, chosen by the kernel command line:
+//!
+//! - **serve** (`kestrel.agent=serve`, what the shim boots): after the steps below it
+//!   serves containerd's task API over vsock ([`server`]) and runs containers from their
+//!   OCI specs ([`container`], [`helper`]);
+//! - **report** (otherwise: the boot tests and `kestrel run`): proves that a kestrel microVM
+//!   boots all the way to user space, reports what the guest sees, then ends the VM:
 //!
 //! 1. mounts `/proc`, `/sys` and `/dev` (devtmpfs);
 //! 2. writes [`BOOT_TIMER_VALUE`] to the VMM's boot-timer port [`BOOT_TIMER_PORT`]
@@ -23,6 +28,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
+mod cgroup;
+mod container;
+mod helper;
+mod server;
+mod stdio;
+
 use rustix::mount::{mount, MountFlags};
 use rustix::system::{reboot, RebootCommand};
 use rustix::termios::tcdrain;
@@ -36,13 +47,13 @@ const EXIT_PORT: u64 = 0x444;
 
 /// A failed step: what the agent was doing and the OS error it got.
 #[derive(Debug)]
-struct Error {
+pub struct Error {
     what: String,
     cause: io::Error,
 }
 
 impl Error {
-    fn new(what: impl Into<String>, cause: io::Error) -> Self {
+    pub fn new(what: impl Into<String>, cause: io::Error) -> Self {
         Self {
             what: what.into(),
             cause,
@@ -251,7 +262,21 @@ fn end_vm(console: &mut Console, ports: Option<&Ports>, status: u8) -> ! {
     std::process::exit(i32::from(status))
 }
 
+/// True when the kernel command line asks the agent to serve.
+fn serve_mode() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .map(|c| {
+            c.split_whitespace()
+                .any(|w| w == kestrel_agent_protocol::SERVE_PARAM)
+        })
+        .unwrap_or(false)
+}
+
 fn main() {
+    if let Some(config) = std::env::var_os(helper::CONFIG_ENV) {
+        // A process the agent spawned to become a container's process (never returns).
+        helper::run(&config);
+    }
     let mut console = Console::default();
     if let Err(e) = mount_pseudo_filesystems() {
         console.error(&e);
@@ -264,13 +289,23 @@ fn main() {
             end_vm(&mut console, None, 1);
         }
     };
-    let status = match ports
+    let report = ports
         .write(BOOT_TIMER_PORT, BOOT_TIMER_VALUE)
-        .and_then(|()| system_report())
-    {
+        .and_then(|()| system_report());
+    let status = match report {
         Ok(report) => {
             console.line(&report);
-            0
+            if serve_mode() {
+                match server::serve() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        console.error(&e);
+                        1
+                    }
+                }
+            } else {
+                0
+            }
         }
         Err(e) => {
             console.error(&e);

@@ -1,0 +1,208 @@
+//! The API between kestrel's shim and its guest agent.
+//!
+//! The agent serves containerd's own task API (`containerd.task.v2.Task` from
+//! `containerd-shim-protos`, the crate the shim serves to containerd) over ttrpc on vsock
+//! port [`AGENT_PORT`]. The shim forwards containerd's requests almost one to one and
+//! rewrites only what cannot cross the VM boundary:
+//!
+//! - **rootfs**: `CreateTaskRequest.rootfs` names a virtio-blk disk by its serial
+//!   ([`rootfs_mount`]), not host paths;
+//! - **the OCI spec**: the bundle lives on the host, so `CreateTaskRequest.options` carries
+//!   a [`ContainerConfig`] (the spec, and the contents of the spec's bind mounts of host
+//!   files, copied in) as JSON under [`CONTAINER_CONFIG_TYPE_URL`];
+//! - **stdio**: each stream is its own vsock connection that the agent opens to the host
+//!   (CID 2) on the port the shim put in the request as `vsock:<port>` ([`StdioPort`]);
+//!   raw bytes, EOF is a shutdown. With a terminal, stdout carries the merged stream.
+//!
+//! `Wait` answers only after the process's output has been sent and its streams shut
+//! down, so the shim can close containerd's FIFOs before it reports the exit.
+
+pub use containerd_shim_protos as protos;
+pub use oci_spec;
+
+use serde::{Deserialize, Serialize};
+
+/// The vsock port the agent's ttrpc server listens on.
+pub const AGENT_PORT: u32 = 1024;
+/// The host's vsock CID, to which the agent connects for stdio.
+pub const HOST_CID: u32 = 2;
+/// `type_url` of the `Any` in `CreateTaskRequest.options` that holds a [`ContainerConfig`].
+pub const CONTAINER_CONFIG_TYPE_URL: &str = "kestrel.dev/agent/v1/ContainerConfig";
+/// `Mount.type` prefix of a rootfs given by disk serial: `Mount { type: "ext4",
+/// source: "serial:<serial>" }`.
+pub const SERIAL_PREFIX: &str = "serial:";
+/// Kernel command-line word that makes the agent serve (without it, it reports what the
+/// guest sees and powers off, which is what the boot tests and `kestrel run` use).
+pub const SERVE_PARAM: &str = "kestrel.agent=serve";
+/// The largest total size of host files copied into a container (bind-mount sources).
+pub const MAX_COPIED_BYTES: usize = 1 << 20;
+
+/// What the agent needs to create a container, beyond the task API's request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerConfig {
+    /// The container's OCI runtime spec, as containerd wrote it into the bundle.
+    pub spec: oci_spec::runtime::Spec,
+    /// The sources of the spec's bind mounts that were copied in, by mount destination.
+    #[serde(default)]
+    pub copied: Vec<CopiedMount>,
+}
+
+/// A bind mount whose host source (a file or a small directory) was copied into the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopiedMount {
+    /// The mount's destination in the container.
+    pub destination: String,
+    /// The source's entries: one with an empty path for a file, else the directory tree.
+    pub entries: Vec<CopiedEntry>,
+}
+
+/// One file, directory or symlink of a copied mount source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopiedEntry {
+    /// Relative to the mount's source; empty for the source itself.
+    pub path: String,
+    /// Permission bits.
+    pub mode: u32,
+    pub kind: EntryKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    File(Vec<u8>),
+    Dir,
+    Symlink(String),
+}
+
+/// Errors decoding what the other side sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("stdio address {0:?} is not vsock:<port>")]
+    BadStdio(String),
+    #[error("CreateTaskRequest.options is not a {CONTAINER_CONFIG_TYPE_URL} (got {0:?})")]
+    NotAConfig(String),
+    #[error("cannot decode the container configuration")]
+    Json(#[source] serde_json::Error),
+}
+
+/// A stdio stream's vsock port, as written in the task API's stdin/stdout/stderr fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StdioPort(pub u32);
+
+impl StdioPort {
+    /// `vsock:<port>`.
+    pub fn address(self) -> String {
+        format!("vsock:{}", self.0)
+    }
+
+    /// `None` for an empty field (no such stream).
+    pub fn parse(field: &str) -> Result<Option<StdioPort>, ProtocolError> {
+        if field.is_empty() {
+            return Ok(None);
+        }
+        field
+            .strip_prefix("vsock:")
+            .and_then(|p| p.parse().ok())
+            .map(|p| Some(StdioPort(p)))
+            .ok_or_else(|| ProtocolError::BadStdio(field.to_string()))
+    }
+}
+
+/// The rootfs mount of a container whose root is the disk with `serial`.
+pub fn rootfs_mount(serial: &str, fstype: &str, read_only: bool) -> protos::api::Mount {
+    protos::api::Mount {
+        type_: fstype.to_string(),
+        source: format!("{SERIAL_PREFIX}{serial}"),
+        options: if read_only {
+            vec!["ro".to_string()]
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    }
+}
+
+impl ContainerConfig {
+    /// As the `Any` of `CreateTaskRequest.options`.
+    pub fn to_any(&self) -> Result<protos::protobuf::well_known_types::any::Any, ProtocolError> {
+        Ok(protos::protobuf::well_known_types::any::Any {
+            type_url: CONTAINER_CONFIG_TYPE_URL.to_string(),
+            value: serde_json::to_vec(self).map_err(ProtocolError::Json)?,
+            ..Default::default()
+        })
+    }
+
+    pub fn from_any(
+        any: &protos::protobuf::well_known_types::any::Any,
+    ) -> Result<Self, ProtocolError> {
+        if any.type_url != CONTAINER_CONFIG_TYPE_URL {
+            return Err(ProtocolError::NotAConfig(any.type_url.clone()));
+        }
+        serde_json::from_slice(&any.value).map_err(ProtocolError::Json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdio_addresses() {
+        assert_eq!(StdioPort(2001).address(), "vsock:2001");
+        assert_eq!(
+            StdioPort::parse("vsock:2001").unwrap(),
+            Some(StdioPort(2001))
+        );
+        assert_eq!(StdioPort::parse("").unwrap(), None);
+        for bad in ["/run/fifo", "vsock:", "vsock:x", "vsock:99999999999"] {
+            assert!(StdioPort::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn config_round_trips_through_any() {
+        let spec: oci_spec::runtime::Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","process":{"cwd":"/","user":{"uid":0,"gid":0},"args":["echo","hi"]}}"#,
+        )
+        .unwrap();
+        let config = ContainerConfig {
+            spec,
+            copied: vec![CopiedMount {
+                destination: "/etc/hosts".into(),
+                entries: vec![CopiedEntry {
+                    path: String::new(),
+                    mode: 0o644,
+                    kind: EntryKind::File(b"127.0.0.1 localhost\n".to_vec()),
+                }],
+            }],
+        };
+        let any = config.to_any().unwrap();
+        let back = ContainerConfig::from_any(&any).unwrap();
+        assert_eq!(back.copied, config.copied);
+        assert_eq!(
+            back.spec
+                .process()
+                .as_ref()
+                .unwrap()
+                .args()
+                .as_ref()
+                .unwrap(),
+            &["echo", "hi"]
+        );
+        let mut wrong = any.clone();
+        wrong.type_url = "other".into();
+        assert!(matches!(
+            ContainerConfig::from_any(&wrong),
+            Err(ProtocolError::NotAConfig(_))
+        ));
+    }
+
+    #[test]
+    fn rootfs_by_serial() {
+        let m = rootfs_mount("kestrel-r1", "ext4", true);
+        assert_eq!(
+            (m.type_.as_str(), m.source.as_str()),
+            ("ext4", "serial:kestrel-r1")
+        );
+        assert_eq!(m.options, ["ro"]);
+    }
+}

@@ -1,0 +1,679 @@
+//! A VM running kestrel's guest agent, and the shim's client to it.
+//!
+//! [`AgentVm::boot`] builds the VM (our kernel, the agent's initramfs, the first
+//! container's root disk, vsock) and connects to the agent's ttrpc server through the hybrid
+//! vsock socket (`CONNECT 1024`), retrying until the agent listens. Requests are containerd's
+//! own task API, forwarded with the rootfs, the spec and stdio rewritten (see
+//! `kestrel_agent_protocol`).
+//!
+//! stdio: for every stream containerd gave a FIFO for, the shim listens at `<vsock>_<port>`
+//! before it sends the request; the agent connects there from the guest. One tokio task per
+//! stream copies between the connection and the FIFO. Output tasks end at the stream's EOF
+//! and close their FIFO; [`AgentVm::wait`] awaits them after the agent's Wait answered (the
+//! agent answers only after the process's output left the guest), so containerd sees EOF
+//! before the exit. stdin ends with containerd's CloseIO: the shim shuts its side down.
+//!
+//! Runs on the shim's tokio runtime; the VMM thread is reached only through the control
+//! channel, and the VM build through the blocking pool.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use containerd_shim::api::{
+    CloseIORequest, CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, PidsRequest,
+    ResizePtyRequest, StartRequest, StatsRequest, UpdateTaskRequest, WaitRequest,
+};
+use containerd_shim::protos::api::ProcessInfo;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::shim_async::TaskClient;
+use containerd_shim::protos::ttrpc::{self, Code};
+use devices::disk::DiskBackend;
+use kestrel_agent_protocol::{ContainerConfig, CopiedMount, StdioPort, AGENT_PORT, SERVE_PARAM};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use vmm::{ControlSender, DiskConfig, VmAction, VmConfig, VmExit, VsockConfig};
+
+use crate::guest::{GuestError, NewContainer, NewExec, Stdio};
+
+/// The guest's vsock CID.
+pub const GUEST_CID: u64 = 3;
+/// How long output may take to reach containerd after the agent reported an exit.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// First port of the stdio streams (the agent listens on [`AGENT_PORT`]).
+const FIRST_STDIO_PORT: u32 = 0x1_0000;
+
+/// Why an agent VM could not be booted or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentVmError {
+    #[error("no guest asset")]
+    Asset(#[source] vmm::assets::AssetError),
+    #[error("cannot create {}", .0.display())]
+    Dir(PathBuf, #[source] io::Error),
+    #[error("cannot build the VM")]
+    Build(#[source] vmm::BuildVmError),
+    #[error("the VM ended before its agent answered ({exit}); last console lines:\n{console}")]
+    Ended { exit: String, console: String },
+    #[error("the guest agent did not answer within {secs} s; last console lines:\n{console}")]
+    Timeout { secs: u64, console: String },
+    #[error("the blocking pool failed")]
+    Join(#[source] tokio::task::JoinError),
+}
+
+/// The last bytes of the guest's console (kernel messages and the agent's own lines), kept
+/// for error messages. Written by vCPU threads one byte at a time: never blocks.
+#[derive(Clone, Default)]
+pub struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+const TAIL_BYTES: usize = 8 << 10;
+
+impl ConsoleTail {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<u8>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last `n` lines.
+    pub fn lines(&self, n: usize) -> String {
+        let bytes: Vec<u8> = self.lock().iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text.lines().collect();
+        let skip = lines.len().saturating_sub(n);
+        lines.into_iter().skip(skip).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Write for ConsoleTail {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut buf = self.lock();
+        buf.extend(data);
+        let excess = buf.len().saturating_sub(TAIL_BYTES);
+        buf.drain(..excess);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The VM to boot for containers.
+pub struct BootSpec {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub extra_cmdline: Option<String>,
+    /// The first container's root disk, seen by the guest under `serial`.
+    pub rootfs: Box<dyn DiskBackend>,
+    pub serial: String,
+    /// Where the vsock sockets live (removed with the VM).
+    pub dir: PathBuf,
+    pub agent_timeout: Duration,
+}
+
+/// The stdio relays of one process.
+#[derive(Default)]
+struct ProcIo {
+    outputs: Vec<JoinHandle<()>>,
+    tasks: Vec<tokio::task::AbortHandle>,
+    stdin_close: Option<Arc<Notify>>,
+}
+
+impl ProcIo {
+    fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub struct AgentVm {
+    client: TaskClient,
+    control: ControlSender,
+    dir: PathBuf,
+    vsock: PathBuf,
+    next_port: AtomicU32,
+    io: Mutex<HashMap<(String, String), ProcIo>>,
+    exit: watch::Receiver<Option<VmExit>>,
+    console: ConsoleTail,
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(0)
+}
+
+fn agent_err(e: ttrpc::Error) -> GuestError {
+    match e {
+        ttrpc::Error::RpcStatus(s) => GuestError::Agent {
+            code: s.code.enum_value_or_default(),
+            message: s.message,
+        },
+        other => GuestError::Transport(other),
+    }
+}
+
+/// Opens a host → guest stream to `port` through the hybrid vsock socket.
+async fn connect_port(vsock: &Path, port: u32) -> io::Result<UnixStream> {
+    let mut s = UnixStream::connect(vsock).await?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    let mut line = Vec::new();
+    loop {
+        let b = s.read_u8().await?;
+        if b == b'\n' {
+            break;
+        }
+        line.push(b);
+        if line.len() > 64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad vsock handshake",
+            ));
+        }
+    }
+    if line.starts_with(b"OK ") {
+        Ok(s)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad vsock handshake",
+        ))
+    }
+}
+
+fn host_err(what: &str, e: AgentVmError) -> GuestError {
+    let code = match e {
+        AgentVmError::Asset(_) => Code::FAILED_PRECONDITION,
+        AgentVmError::Ended { .. } | AgentVmError::Timeout { .. } => Code::UNAVAILABLE,
+        _ => Code::INTERNAL,
+    };
+    GuestError::host(what, code, e)
+}
+
+impl AgentVm {
+    /// Boots the VM and waits until its agent answers.
+    pub async fn boot(spec: BootSpec) -> Result<Arc<AgentVm>, GuestError> {
+        let err = |e| host_err("boot the VM for the container", e);
+        let kernel = vmm::assets::default_asset(vmm::assets::KERNEL)
+            .map_err(|e| err(AgentVmError::Asset(e)))?;
+        let initrd = vmm::assets::default_asset(vmm::assets::INITRD)
+            .map_err(|e| err(AgentVmError::Asset(e)))?;
+        tokio::fs::create_dir_all(&spec.dir)
+            .await
+            .map_err(|e| err(AgentVmError::Dir(spec.dir.clone(), e)))?;
+        let vsock = spec.dir.join("vsock");
+        let _ = tokio::fs::remove_file(&vsock).await;
+
+        let console = ConsoleTail::default();
+        let mut config = VmConfig::new(kernel);
+        config.initrd = Some(initrd);
+        // `quiet`: every console byte is an exit to the VMM; the tail is kept for errors.
+        config.cmdline = format!("{} quiet {SERVE_PARAM}", vmm::DEFAULT_CMDLINE);
+        if let Some(extra) = spec
+            .extra_cmdline
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            vmm::config::append_cmdline(&mut config.cmdline, extra);
+        }
+        config.vcpus = spec.vcpus;
+        config.memory_mib = spec.memory_mib;
+        config.disks.push(DiskConfig {
+            backend: spec.rootfs,
+            serial: Some(spec.serial),
+        });
+        config.vsock = Some(VsockConfig {
+            cid: GUEST_CID,
+            socket: vsock.clone(),
+        });
+        config.console_out = Box::new(console.clone());
+        let (exit_tx, exit) = watch::channel(None);
+        config.on_exit = Some(Box::new(move |e: &VmExit| {
+            exit_tx.send_replace(Some(e.clone()));
+        }));
+        let handle = tokio::task::spawn_blocking(move || vmm::start_vm(config))
+            .await
+            .map_err(|e| err(AgentVmError::Join(e)))?
+            .map_err(|e| err(AgentVmError::Build(e)))?;
+        let control = handle.control();
+        tokio::task::spawn_blocking(move || drop(handle.wait()));
+
+        let started = Instant::now();
+        let stream = match Self::connect_agent(&vsock, &exit, &console, spec.agent_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                stop(&control).await;
+                let _ = tokio::fs::remove_dir_all(&spec.dir).await;
+                return Err(err(e));
+            }
+        };
+        log::info!(
+            "guest agent answered {:?} after the VM started",
+            started.elapsed()
+        );
+        let client = TaskClient::new(ttrpc::asynchronous::Client::new(
+            ttrpc::asynchronous::transport::Socket::new(stream),
+        ));
+        Ok(Arc::new(AgentVm {
+            client,
+            control,
+            dir: spec.dir,
+            vsock,
+            next_port: AtomicU32::new(FIRST_STDIO_PORT),
+            io: Mutex::new(HashMap::new()),
+            exit,
+            console,
+        }))
+    }
+
+    async fn connect_agent(
+        vsock: &Path,
+        exit: &watch::Receiver<Option<VmExit>>,
+        console: &ConsoleTail,
+        limit: Duration,
+    ) -> Result<UnixStream, AgentVmError> {
+        let deadline = Instant::now() + limit;
+        let mut exit = exit.clone();
+        loop {
+            if let Some(e) = exit.borrow().clone() {
+                return Err(AgentVmError::Ended {
+                    exit: e.to_string(),
+                    console: console.lines(20),
+                });
+            }
+            // Until the guest's vsock driver runs, the device answers a CONNECT after its
+            // 2 s timeout; once it runs, a port nobody listens on is refused at once.
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(5), connect_port(vsock, AGENT_PORT)).await
+            {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                return Err(AgentVmError::Timeout {
+                    secs: limit.as_secs(),
+                    console: console.lines(20),
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = exit.changed() => {}
+            }
+        }
+    }
+
+    fn io(&self) -> MutexGuard<'_, HashMap<(String, String), ProcIo>> {
+        self.io.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Listens for the agent's connection of one stream; returns its `vsock:<port>`.
+    fn listen(&self) -> Result<(String, UnixListener, PathBuf), GuestError> {
+        let port = self.next_port.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("{}_{port}", self.vsock.display()));
+        let listener = UnixListener::bind(&path).map_err(|e| {
+            GuestError::host(format!("listen at {}", path.display()), Code::INTERNAL, e)
+        })?;
+        Ok((StdioPort(port).address(), listener, path))
+    }
+
+    /// Relays for containerd's FIFOs in `stdio`; returns the ports for the request.
+    fn open_stdio(&self, stdio: &Stdio) -> Result<(Stdio, ProcIo), GuestError> {
+        let mut io = ProcIo::default();
+        let mut ports = Stdio {
+            terminal: stdio.terminal,
+            ..Default::default()
+        };
+        let result = (|| {
+            for (fifo, port) in [
+                (&stdio.stdout, &mut ports.stdout),
+                (&stdio.stderr, &mut ports.stderr),
+            ] {
+                if fifo.is_empty() {
+                    continue;
+                }
+                let (address, listener, path) = self.listen()?;
+                *port = address;
+                let task = tokio::spawn(relay_out(listener, path, fifo.clone()));
+                io.tasks.push(task.abort_handle());
+                io.outputs.push(task);
+            }
+            if !stdio.stdin.is_empty() {
+                let (address, listener, path) = self.listen()?;
+                ports.stdin = address;
+                let close = Arc::new(Notify::new());
+                let task =
+                    tokio::spawn(relay_in(listener, path, stdio.stdin.clone(), close.clone()));
+                io.tasks.push(task.abort_handle());
+                io.stdin_close = Some(close);
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok((ports, io)),
+            Err(e) => {
+                io.abort();
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn create(
+        &self,
+        c: &NewContainer,
+        serial: &str,
+        copied: Vec<CopiedMount>,
+    ) -> Result<u32, GuestError> {
+        let (ports, io) = self.open_stdio(&c.stdio)?;
+        let config = ContainerConfig {
+            spec: c.spec.clone(),
+            copied,
+        };
+        let options = config
+            .to_any()
+            .map_err(|e| GuestError::Invalid(e.to_string()))?;
+        let req = CreateTaskRequest {
+            id: c.id.clone(),
+            rootfs: vec![kestrel_agent_protocol::rootfs_mount(serial, "ext4", false)],
+            terminal: ports.terminal,
+            stdin: ports.stdin,
+            stdout: ports.stdout,
+            stderr: ports.stderr,
+            options: Some(options).into(),
+            ..Default::default()
+        };
+        match self.client.create(ctx(), &req).await {
+            Ok(r) => {
+                self.io().insert((c.id.clone(), String::new()), io);
+                Ok(r.pid)
+            }
+            Err(e) => {
+                io.abort();
+                Err(agent_err(e))
+            }
+        }
+    }
+
+    pub async fn start(&self, id: &str, exec: &str) -> Result<u32, GuestError> {
+        let req = StartRequest {
+            id: id.to_string(),
+            exec_id: exec.to_string(),
+            ..Default::default()
+        };
+        self.client
+            .start(ctx(), &req)
+            .await
+            .map(|r| r.pid)
+            .map_err(agent_err)
+    }
+
+    pub async fn exec(&self, id: &str, exec: &str, p: &NewExec) -> Result<(), GuestError> {
+        let (ports, io) = self.open_stdio(&p.stdio)?;
+        let req = ExecProcessRequest {
+            id: id.to_string(),
+            exec_id: exec.to_string(),
+            terminal: ports.terminal,
+            stdin: ports.stdin,
+            stdout: ports.stdout,
+            stderr: ports.stderr,
+            spec: Some(p.spec.clone()).into(),
+            ..Default::default()
+        };
+        match self.client.exec(ctx(), &req).await {
+            Ok(_) => {
+                self.io().insert((id.to_string(), exec.to_string()), io);
+                Ok(())
+            }
+            Err(e) => {
+                io.abort();
+                Err(agent_err(e))
+            }
+        }
+    }
+
+    pub async fn kill(
+        &self,
+        id: &str,
+        exec: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), GuestError> {
+        let req = KillRequest {
+            id: id.to_string(),
+            exec_id: exec.to_string(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.client
+            .kill(ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(agent_err)
+    }
+
+    /// The exit status, once the process's output reached containerd.
+    pub async fn wait(&self, id: &str, exec: &str) -> Result<u32, GuestError> {
+        let req = WaitRequest {
+            id: id.to_string(),
+            exec_id: exec.to_string(),
+            ..Default::default()
+        };
+        let status = self
+            .client
+            .wait(ctx(), &req)
+            .await
+            .map_err(agent_err)?
+            .exit_status;
+        let outputs = self
+            .io()
+            .get_mut(&(id.to_string(), exec.to_string()))
+            .map(|io| std::mem::take(&mut io.outputs))
+            .unwrap_or_default();
+        for out in outputs {
+            if tokio::time::timeout(DRAIN_LIMIT, out).await.is_err() {
+                log::warn!("{id} {exec}: output still open {DRAIN_LIMIT:?} after the exit");
+            }
+        }
+        Ok(status)
+    }
+
+    pub async fn delete(&self, id: &str, exec: &str) -> Result<(), GuestError> {
+        if let Some(io) = self.io().remove(&(id.to_string(), exec.to_string())) {
+            io.abort();
+        }
+        let req = DeleteRequest {
+            id: id.to_string(),
+            exec_id: exec.to_string(),
+            ..Default::default()
+        };
+        match self.client.delete(ctx(), &req).await {
+            Ok(_) => Ok(()),
+            Err(e) => match agent_err(e) {
+                GuestError::Agent {
+                    code: Code::NOT_FOUND,
+                    ..
+                } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    pub async fn pids(&self, id: &str) -> Result<Vec<ProcessInfo>, GuestError> {
+        let req = PidsRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        self.client
+            .pids(ctx(), &req)
+            .await
+            .map(|r| r.processes)
+            .map_err(agent_err)
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<Any, GuestError> {
+        let req = StatsRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        let r = self.client.stats(ctx(), &req).await.map_err(agent_err)?;
+        r.stats
+            .into_option()
+            .ok_or_else(|| GuestError::Invalid("the agent sent no statistics".into()))
+    }
+
+    pub async fn update(&self, id: &str, resources: &Any) -> Result<(), GuestError> {
+        let req = UpdateTaskRequest {
+            id: id.to_string(),
+            resources: Some(resources.clone()).into(),
+            ..Default::default()
+        };
+        self.client
+            .update(ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(agent_err)
+    }
+
+    pub async fn resize_pty(
+        &self,
+        id: &str,
+        exec: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), GuestError> {
+        let req = ResizePtyRequest {
+            id: id.to_string(),
+            exec_id: exec.to_string(),
+            width,
+            height,
+            ..Default::default()
+        };
+        self.client
+            .resize_pty(ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(agent_err)
+    }
+
+    /// Ends the process's stdin: the shim shuts its side of the stream down.
+    pub async fn close_io(&self, id: &str, exec: &str) -> Result<(), GuestError> {
+        if let Some(close) = self
+            .io()
+            .get(&(id.to_string(), exec.to_string()))
+            .and_then(|io| io.stdin_close.clone())
+        {
+            close.notify_one();
+        }
+        let req = CloseIORequest {
+            id: id.to_string(),
+            exec_id: exec.to_string(),
+            stdin: true,
+            ..Default::default()
+        };
+        self.client
+            .close_io(ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(agent_err)
+    }
+
+    /// Stops the VM and removes its sockets.
+    pub async fn shutdown(&self) {
+        stop(&self.control).await;
+        let mut exit = self.exit.clone();
+        let ended = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !ended {
+            log::warn!("the VM did not stop within 10 s");
+        }
+        log::debug!("guest console at the end:\n{}", self.console.lines(50));
+        if let Err(e) = tokio::fs::remove_dir_all(&self.dir).await {
+            log::warn!("cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+async fn stop(control: &ControlSender) {
+    let (tx, rx) = oneshot::channel();
+    control.send(
+        VmAction::Stop,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    let _ = rx.await;
+}
+
+/// Copies the agent's stream of one output into containerd's FIFO, then closes it.
+async fn relay_out(listener: UnixListener, path: PathBuf, fifo: String) {
+    let accepted = listener.accept().await;
+    drop(listener);
+    let _ = tokio::fs::remove_file(&path).await;
+    let Ok((mut stream, _)) = accepted else {
+        return;
+    };
+    // Read-write, so opening never fails or blocks for want of a reader.
+    match pipe::OpenOptions::new().read_write(true).open_sender(&fifo) {
+        Ok(mut out) => {
+            if let Err(e) = tokio::io::copy(&mut stream, &mut out).await {
+                log::debug!("output to {fifo} ended: {e}");
+            }
+        }
+        Err(e) => {
+            log::warn!("cannot open {fifo}: {e}; the output is discarded");
+            let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+        }
+    }
+}
+
+/// Copies containerd's stdin FIFO into the agent's stream until CloseIO, then shuts the
+/// stream's write side down (the process sees EOF).
+async fn relay_in(listener: UnixListener, path: PathBuf, fifo: String, close: Arc<Notify>) {
+    let accepted = listener.accept().await;
+    drop(listener);
+    let _ = tokio::fs::remove_file(&path).await;
+    let Ok((mut stream, _)) = accepted else {
+        return;
+    };
+    // Read-write: EOF comes from CloseIO, not from a writer that has not opened yet.
+    let mut input = match pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(&fifo)
+    {
+        Ok(i) => i,
+        Err(e) => {
+            log::warn!("cannot open {fifo}: {e}; stdin is closed");
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            r = input.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let Some(chunk) = buf.get(..n) else { break };
+                    if stream.write_all(chunk).await.is_err() {
+                        break;
+                    }
+                }
+            },
+            _ = close.notified() => {
+                // What the writer left in the FIFO before CloseIO still goes in.
+                while let Ok(n) = input.try_read(&mut buf) {
+                    let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else { break };
+                    if stream.write_all(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,455 @@
+//! The real [`Guest`]: containers of this shim process, each either a VM image (the VM is
+//! its process, [`crate::vm_image`]) or an ordinary container run by the guest agent in the
+//! shim's VM ([`crate::agent`]).
+//!
+//! Create mounts the rootfs containerd handed over, and on the blocking pool decides what
+//! the image is (`/disk/*` makes it a VM image) and prepares it: the VM image's base,
+//! overlay and seed, or the container's root disk ([`crate::rootfs`]) and the copies of its
+//! bind-mounted host files. The first container boots the VM, which lives until its last
+//! container is deleted. No lock is held across a conversion or a boot.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::protos::api::ProcessInfo;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::ttrpc::Code;
+use kestrel_agent_protocol::{CopiedEntry, CopiedMount, EntryKind, MAX_COPIED_BYTES};
+use sha2::{Digest, Sha256};
+
+use crate::agent::{AgentVm, BootSpec};
+use crate::guest::{Guest, GuestError, NewContainer, NewExec};
+use crate::rootfs::{self, PreparedRootfs};
+use crate::spec;
+use crate::vm_image::{self, ImageError, StateDirs, VmImageTask};
+
+/// Where the shim keeps its VM's sockets.
+pub const RUN_DIR: &str = "/run/kestrel/s";
+
+enum Entry {
+    VmImage(Arc<VmImageTask>),
+    Container(Arc<AgentVm>),
+}
+
+enum Prepared {
+    VmImage(VmImageTask),
+    Container(PreparedRootfs, Vec<CopiedMount>),
+}
+
+pub struct Host {
+    dirs: StateDirs,
+    namespace: String,
+    /// The directory of this shim's VM sockets.
+    run_dir: PathBuf,
+    entries: Mutex<HashMap<String, Entry>>,
+    /// A container's VM is being booted.
+    booting: AtomicBool,
+}
+
+/// The run directory of the shim `shim_id` in `namespace` (short: socket paths are limited).
+pub fn run_dir(namespace: &str, shim_id: &str) -> PathBuf {
+    let h = Sha256::digest(format!("{namespace}/{shim_id}").as_bytes());
+    let hex: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Path::new(RUN_DIR).join(hex)
+}
+
+fn host_err(
+    what: impl Into<String>,
+    code: Code,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> GuestError {
+    let what = what.into();
+    move |source| GuestError::Host { what, code, source }
+}
+
+/// Copies the host sources of the spec's bind mounts (files and small directories) for the
+/// guest, at most [`MAX_COPIED_BYTES`] in all. A source that cannot be copied is left out
+/// with a warning.
+pub fn copy_bind_sources(spec: &oci_spec::runtime::Spec) -> Vec<CopiedMount> {
+    let mut budget = MAX_COPIED_BYTES;
+    let mut out = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        let opts = m.options().clone().unwrap_or_default();
+        let bind =
+            m.typ().as_deref() == Some("bind") || opts.iter().any(|o| o == "bind" || o == "rbind");
+        let Some(source) = m.source().as_ref().filter(|_| bind) else {
+            continue;
+        };
+        let destination = m.destination().to_string_lossy().into_owned();
+        match copy_tree(source, &mut budget) {
+            Ok(entries) => out.push(CopiedMount {
+                destination,
+                entries,
+            }),
+            Err(why) => log::warn!(
+                "bind mount {} on {destination} is not copied into the VM: {why}",
+                source.display()
+            ),
+        }
+    }
+    out
+}
+
+fn copy_tree(source: &Path, budget: &mut usize) -> Result<Vec<CopiedEntry>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut entries = Vec::new();
+    let mut stack = vec![(source.to_path_buf(), String::new())];
+    while let Some((path, rel)) = stack.pop() {
+        let md = fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = md.permissions().mode() & 0o7777;
+        let kind = if md.is_dir() {
+            let mut children: Vec<_> = fs::read_dir(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .filter_map(|e| e.ok())
+                .collect();
+            children.sort_by_key(|e| e.file_name());
+            for c in children.into_iter().rev() {
+                let name = c.file_name().to_string_lossy().into_owned();
+                let child_rel = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                stack.push((c.path(), child_rel));
+            }
+            EntryKind::Dir
+        } else if md.is_file() {
+            let len = usize::try_from(md.len()).unwrap_or(usize::MAX);
+            if len > *budget {
+                return Err(format!("more than {MAX_COPIED_BYTES} bytes"));
+            }
+            *budget -= len;
+            EntryKind::File(fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?)
+        } else if md.file_type().is_symlink() {
+            let to = fs::read_link(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            EntryKind::Symlink(to.to_string_lossy().into_owned())
+        } else {
+            return Err(format!(
+                "{} is not a file, directory or symlink",
+                path.display()
+            ));
+        };
+        entries.push(CopiedEntry {
+            path: rel,
+            mode,
+            kind,
+        });
+    }
+    Ok(entries)
+}
+
+impl Host {
+    pub fn new(dirs: StateDirs, namespace: String, shim_id: &str) -> Self {
+        Host {
+            run_dir: run_dir(&namespace, shim_id),
+            dirs,
+            namespace,
+            entries: Mutex::new(HashMap::new()),
+            booting: AtomicBool::new(false),
+        }
+    }
+
+    fn entries(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn vm_image(&self, id: &str) -> Option<Arc<VmImageTask>> {
+        match self.entries().get(id) {
+            Some(Entry::VmImage(t)) => Some(t.clone()),
+            _ => None,
+        }
+    }
+
+    fn agent(&self, id: &str) -> Result<Arc<AgentVm>, GuestError> {
+        match self.entries().get(id) {
+            Some(Entry::Container(vm)) => Ok(vm.clone()),
+            Some(Entry::VmImage(_)) => Err(GuestError::Unsupported("this call", "VM-image tasks")),
+            None => Err(GuestError::Invalid(format!("task {id} is not prepared"))),
+        }
+    }
+
+    /// Mounts the rootfs, prepares the container on the blocking pool, unmounts.
+    async fn prepare(&self, c: &NewContainer) -> Result<Prepared, GuestError> {
+        let tree = Path::new(&c.bundle).join("rootfs");
+        let mounted = !c.rootfs.is_empty();
+        if mounted {
+            tokio::fs::create_dir_all(&tree).await.map_err(|e| {
+                host_err(format!("create {}", tree.display()), Code::INTERNAL)(Box::new(e))
+            })?;
+            for m in &c.rootfs {
+                containerd_shim::asynchronous::util::mount_rootfs(m, &tree)
+                    .await
+                    .map_err(|e| {
+                        host_err(
+                            format!("mount the rootfs at {}", tree.display()),
+                            Code::INTERNAL,
+                        )(Box::new(e))
+                    })?;
+            }
+        }
+        let (dirs, ns, c2) = (self.dirs.clone(), self.namespace.clone(), c.clone());
+        let prepared = tokio::task::spawn_blocking(move || {
+            let result = match vm_image::find_disk(&tree) {
+                Ok(disk) => vm_image::prepare_task(&dirs, &ns, &c2, &disk).map(Prepared::VmImage),
+                Err(ImageError::NoDisk) => rootfs::prepare(&dirs, &c2.rootfs, &tree, &ns, &c2.id)
+                    .map(|r| Prepared::Container(r, copy_bind_sources(&c2.spec)))
+                    .map_err(|e| {
+                        GuestError::host(
+                            "prepare the container's root file system",
+                            Code::INTERNAL,
+                            e,
+                        )
+                    }),
+                Err(e) => {
+                    let code = if e.is_user_error() {
+                        Code::FAILED_PRECONDITION
+                    } else {
+                        Code::INTERNAL
+                    };
+                    Err(GuestError::host("read the image", code, e))
+                }
+            };
+            if mounted {
+                // The image lives in kestrel's cache now; the mount is no longer needed.
+                if let Err(e) = containerd_shim::mount::umount_recursive(tree.to_str(), 0) {
+                    log::warn!("cannot unmount {}: {e}", tree.display());
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|e| host_err("prepare the container", Code::INTERNAL)(Box::new(e)))?;
+        prepared
+    }
+
+    async fn boot_and_create(
+        &self,
+        c: &NewContainer,
+        root: PreparedRootfs,
+        copied: Vec<CopiedMount>,
+    ) -> Result<(Arc<AgentVm>, u32), GuestError> {
+        let vm = spec::container_vm(&c.spec).map_err(|e| GuestError::Invalid(e.to_string()))?;
+        log::info!(
+            "task {}: container, {} vCPU(s), {} MiB, rootfs {} ({})",
+            c.id,
+            vm.cpus,
+            vm.memory_mib,
+            root.base.display(),
+            if root.cache_hit { "cached" } else { "built" }
+        );
+        let serial = format!("{}0", rootfs::SERIAL_PREFIX);
+        let agent = AgentVm::boot(BootSpec {
+            vcpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            extra_cmdline: vm.extra_cmdline,
+            rootfs: root.disk,
+            serial: serial.clone(),
+            dir: self.run_dir.clone(),
+            agent_timeout: Duration::from_secs(vm.agent_timeout_secs),
+        })
+        .await?;
+        match agent.create(c, &serial, copied).await {
+            Ok(pid) => Ok((agent, pid)),
+            Err(e) => {
+                agent.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_container(
+        &self,
+        c: &NewContainer,
+        root: PreparedRootfs,
+        copied: Vec<CopiedMount>,
+    ) -> Result<u32, GuestError> {
+        let busy = self.booting.swap(true, Ordering::SeqCst)
+            || self
+                .entries()
+                .values()
+                .any(|e| matches!(e, Entry::Container(_)));
+        if busy {
+            return Err(GuestError::Unsupported(
+                "a second container in one shim",
+                "this kestrel version (each container gets its own shim and VM; pods come later)",
+            ));
+        }
+        let result = self.boot_and_create(c, root, copied).await;
+        let result = result.map(|(vm, pid)| {
+            self.entries().insert(c.id.clone(), Entry::Container(vm));
+            pid
+        });
+        self.booting.store(false, Ordering::SeqCst);
+        result
+    }
+}
+
+#[async_trait]
+impl Guest for Host {
+    async fn create(&self, c: &NewContainer) -> Result<u32, GuestError> {
+        let result = match self.prepare(c).await {
+            Ok(Prepared::VmImage(task)) => {
+                self.entries()
+                    .insert(c.id.clone(), Entry::VmImage(Arc::new(task)));
+                // The VM runs in this process: its pid is the task's.
+                Ok(std::process::id())
+            }
+            Ok(Prepared::Container(root, copied)) => self.create_container(c, root, copied).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // Nothing of a failed create may stay behind.
+            cleanup(&self.dirs, &self.namespace, &c.id);
+        }
+        result
+    }
+
+    async fn start(&self, id: &str, exec: &str) -> Result<u32, GuestError> {
+        if let Some(task) = self.vm_image(id) {
+            task.start(id).await?;
+            return Ok(std::process::id());
+        }
+        self.agent(id)?.start(id, exec).await
+    }
+
+    async fn exec(&self, id: &str, exec: &str, p: &NewExec) -> Result<(), GuestError> {
+        if self.vm_image(id).is_some() {
+            return Err(GuestError::Unsupported(
+                "exec",
+                "VM-image tasks (the VM is the process)",
+            ));
+        }
+        self.agent(id)?.exec(id, exec, p).await
+    }
+
+    async fn kill(&self, id: &str, exec: &str, signal: u32, all: bool) -> Result<(), GuestError> {
+        if let Some(task) = self.vm_image(id) {
+            return task.kill(id, signal).await;
+        }
+        self.agent(id)?.kill(id, exec, signal, all).await
+    }
+
+    async fn wait(&self, id: &str, exec: &str) -> Result<u32, GuestError> {
+        if let Some(task) = self.vm_image(id) {
+            return Ok(task.wait().await);
+        }
+        self.agent(id)?.wait(id, exec).await
+    }
+
+    async fn delete(&self, id: &str, exec: &str) -> Result<(), GuestError> {
+        if !exec.is_empty() {
+            return self.agent(id)?.delete(id, exec).await;
+        }
+        let entry = self.entries().remove(id);
+        let result = match &entry {
+            Some(Entry::Container(vm)) => {
+                let deleted = vm.delete(id, "").await;
+                let last = !self
+                    .entries()
+                    .values()
+                    .any(|e| matches!(e, Entry::Container(v) if Arc::ptr_eq(v, vm)));
+                if last {
+                    vm.shutdown().await;
+                }
+                deleted
+            }
+            Some(Entry::VmImage(_)) | None => Ok(()),
+        };
+        let (dirs, ns, id) = (self.dirs.clone(), self.namespace.clone(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || cleanup(&dirs, &ns, &id)).await;
+        result
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<ProcessInfo>, GuestError> {
+        if self.vm_image(id).is_some() {
+            return Ok(vec![ProcessInfo {
+                pid: std::process::id(),
+                ..Default::default()
+            }]);
+        }
+        self.agent(id)?.pids(id).await
+    }
+
+    async fn stats(&self, id: &str) -> Result<Any, GuestError> {
+        self.agent(id)?.stats(id).await
+    }
+
+    async fn update(&self, id: &str, resources: &Any) -> Result<(), GuestError> {
+        self.agent(id)?.update(id, resources).await
+    }
+
+    async fn resize_pty(&self, id: &str, exec: &str, w: u32, h: u32) -> Result<(), GuestError> {
+        if self.vm_image(id).is_some() {
+            return Ok(());
+        }
+        self.agent(id)?.resize_pty(id, exec, w, h).await
+    }
+
+    async fn close_io(&self, id: &str, exec: &str) -> Result<(), GuestError> {
+        if self.vm_image(id).is_some() {
+            // The console keeps reading stdin until the VM ends.
+            return Ok(());
+        }
+        self.agent(id)?.close_io(id, exec).await
+    }
+}
+
+/// Removes what container `id` left in the state directories. Idempotent; also what the
+/// `delete` action runs after a shim that died.
+pub fn cleanup(dirs: &StateDirs, ns: &str, id: &str) {
+    vm_image::cleanup(dirs, ns, id);
+    rootfs::cleanup(dirs, ns, id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_dirs_are_short_and_distinct() {
+        let a = run_dir("default", &"x".repeat(64));
+        assert!(a.as_os_str().len() < 40, "{}", a.display());
+        assert_ne!(a, run_dir("k8s.io", &"x".repeat(64)));
+        assert_eq!(a, run_dir("default", &"x".repeat(64)));
+    }
+
+    #[test]
+    fn bind_sources_are_copied_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hosts");
+        fs::write(&file, b"127.0.0.1 localhost\n").unwrap();
+        let tree = dir.path().join("cfg");
+        fs::create_dir_all(tree.join("sub")).unwrap();
+        fs::write(tree.join("sub/a"), b"a").unwrap();
+        std::os::unix::fs::symlink("sub/a", tree.join("link")).unwrap();
+        let big = dir.path().join("big");
+        fs::write(&big, vec![0u8; MAX_COPIED_BYTES + 1]).unwrap();
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "ro"]},
+                {"destination": "/cfg", "source": tree, "options": ["rbind"]},
+                {"destination": "/big", "type": "bind", "source": big},
+            ]
+        }))
+        .unwrap();
+        let copied = copy_bind_sources(&spec);
+        assert_eq!(copied.len(), 2, "{copied:?}");
+        assert_eq!(copied[0].destination, "/etc/hosts");
+        assert_eq!(
+            copied[0].entries[0].kind,
+            EntryKind::File(b"127.0.0.1 localhost\n".to_vec())
+        );
+        let paths: Vec<&str> = copied[1].entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["", "link", "sub", "sub/a"]);
+        assert_eq!(
+            copied[1].entries[1].kind,
+            EntryKind::Symlink("sub/a".into())
+        );
+    }
+}
