@@ -367,10 +367,12 @@ impl AgentVm {
         copied: Vec<CopiedMount>,
     ) -> Result<u32, GuestError> {
         let (ports, io) = self.open_stdio(&c.stdio)?;
-        let config = ContainerConfig {
-            spec: c.spec.clone(),
-            copied,
-        };
+        let mut spec = c.spec.clone();
+        if spec.hostname().as_deref().is_none_or(str::is_empty) {
+            // The container's UTS namespace would otherwise inherit the VM's "(none)".
+            spec.set_hostname(Some(crate::spec::host_name(&c.id)));
+        }
+        let config = ContainerConfig { spec, copied };
         let options = config
             .to_any()
             .map_err(|e| GuestError::Invalid(e.to_string()))?;
@@ -639,11 +641,9 @@ async fn relay_in(listener: UnixListener, path: PathBuf, fifo: String, close: Ar
     let Ok((mut stream, _)) = accepted else {
         return;
     };
-    // Read-write: EOF comes from CloseIO, not from a writer that has not opened yet.
-    let mut input = match pipe::OpenOptions::new()
-        .read_write(true)
-        .open_receiver(&fifo)
-    {
+    // Read-only: EOF once containerd's writer has come and gone (a FIFO that never had a
+    // writer is simply not readable yet); CloseIO ends it too.
+    let mut input = match pipe::OpenOptions::new().open_receiver(&fifo) {
         Ok(i) => i,
         Err(e) => {
             log::warn!("cannot open {fifo}: {e}; stdin is closed");

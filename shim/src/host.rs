@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::agent::{AgentVm, BootSpec};
 use crate::guest::{Guest, GuestError, NewContainer, NewExec};
+use crate::hooks;
 use crate::rootfs::{self, PreparedRootfs};
 use crate::spec;
 use crate::vm_image::{self, ImageError, StateDirs, VmImageTask};
@@ -31,9 +32,17 @@ use crate::vm_image::{self, ImageError, StateDirs, VmImageTask};
 /// Where the shim keeps its VM's sockets.
 pub const RUN_DIR: &str = "/run/kestrel/s";
 
-enum Entry {
+enum Kind {
     VmImage(Arc<VmImageTask>),
     Container(Arc<AgentVm>),
+}
+
+struct Entry {
+    kind: Kind,
+    /// For the spec's hooks.
+    spec: Arc<oci_spec::runtime::Spec>,
+    bundle: String,
+    pid: u32,
 }
 
 enum Prepared {
@@ -158,18 +167,53 @@ impl Host {
     }
 
     fn vm_image(&self, id: &str) -> Option<Arc<VmImageTask>> {
-        match self.entries().get(id) {
-            Some(Entry::VmImage(t)) => Some(t.clone()),
+        match self.entries().get(id).map(|e| &e.kind) {
+            Some(Kind::VmImage(t)) => Some(t.clone()),
             _ => None,
         }
     }
 
     fn agent(&self, id: &str) -> Result<Arc<AgentVm>, GuestError> {
-        match self.entries().get(id) {
-            Some(Entry::Container(vm)) => Ok(vm.clone()),
-            Some(Entry::VmImage(_)) => Err(GuestError::Unsupported("this call", "VM-image tasks")),
+        match self.entries().get(id).map(|e| &e.kind) {
+            Some(Kind::Container(vm)) => Ok(vm.clone()),
+            Some(Kind::VmImage(_)) => Err(GuestError::Unsupported("this call", "VM-image tasks")),
             None => Err(GuestError::Invalid(format!("task {id} is not prepared"))),
         }
+    }
+
+    /// Runs the hooks of `stage` for `id`; only createRuntime failures are errors.
+    async fn hooks(&self, stage: hooks::Stage, id: &str) -> Result<(), GuestError> {
+        let Some((spec, bundle, pid)) = self
+            .entries()
+            .get(id)
+            .map(|e| (e.spec.clone(), e.bundle.clone(), e.pid))
+        else {
+            return Ok(());
+        };
+        match hooks::run(stage, &spec, id, pid, &bundle).await {
+            Ok(()) => Ok(()),
+            Err(e) if stage == hooks::Stage::CreateRuntime => Err(GuestError::host(
+                "run the spec's hooks",
+                Code::FAILED_PRECONDITION,
+                e,
+            )),
+            Err(e) => {
+                log::warn!("task {id}: {}", vmm::error_chain(&e));
+                Ok(())
+            }
+        }
+    }
+
+    fn insert(&self, c: &NewContainer, kind: Kind, pid: u32) {
+        self.entries().insert(
+            c.id.clone(),
+            Entry {
+                kind,
+                spec: Arc::new(c.spec.clone()),
+                bundle: c.bundle.clone(),
+                pid,
+            },
+        );
     }
 
     /// Mounts the rootfs, prepares the container on the blocking pool, unmounts.
@@ -271,7 +315,7 @@ impl Host {
             || self
                 .entries()
                 .values()
-                .any(|e| matches!(e, Entry::Container(_)));
+                .any(|e| matches!(e.kind, Kind::Container(_)));
         if busy {
             return Err(GuestError::Unsupported(
                 "a second container in one shim",
@@ -280,11 +324,33 @@ impl Host {
         }
         let result = self.boot_and_create(c, root, copied).await;
         let result = result.map(|(vm, pid)| {
-            self.entries().insert(c.id.clone(), Entry::Container(vm));
+            self.insert(c, Kind::Container(vm), pid);
             pid
         });
         self.booting.store(false, Ordering::SeqCst);
         result
+    }
+}
+
+impl Host {
+    /// Drops container `id` from the guest (the VM with its last container).
+    async fn forget(&self, id: &str) -> Result<(), GuestError> {
+        let entry = self.entries().remove(id);
+        match entry.map(|e| e.kind) {
+            Some(Kind::Container(vm)) => {
+                let deleted = vm.delete(id, "").await;
+                let last = !self
+                    .entries()
+                    .values()
+                    .any(|e| matches!(&e.kind, Kind::Container(v) if Arc::ptr_eq(v, &vm)));
+                if last {
+                    vm.shutdown().await;
+                }
+                deleted
+            }
+            Some(Kind::VmImage(task)) => task.kill(id, libc::SIGKILL as u32).await.or(Ok(())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -293,12 +359,22 @@ impl Guest for Host {
     async fn create(&self, c: &NewContainer) -> Result<u32, GuestError> {
         let result = match self.prepare(c).await {
             Ok(Prepared::VmImage(task)) => {
-                self.entries()
-                    .insert(c.id.clone(), Entry::VmImage(Arc::new(task)));
                 // The VM runs in this process: its pid is the task's.
-                Ok(std::process::id())
+                let pid = std::process::id();
+                self.insert(c, Kind::VmImage(Arc::new(task)), pid);
+                Ok(pid)
             }
             Ok(Prepared::Container(root, copied)) => self.create_container(c, root, copied).await,
+            Err(e) => Err(e),
+        };
+        let result = match result {
+            Ok(pid) => match self.hooks(hooks::Stage::CreateRuntime, &c.id).await {
+                Ok(()) => Ok(pid),
+                Err(e) => {
+                    let _ = self.forget(&c.id).await;
+                    Err(e)
+                }
+            },
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -309,11 +385,17 @@ impl Guest for Host {
     }
 
     async fn start(&self, id: &str, exec: &str) -> Result<u32, GuestError> {
-        if let Some(task) = self.vm_image(id) {
-            task.start(id).await?;
-            return Ok(std::process::id());
+        let pid = match self.vm_image(id) {
+            Some(task) => {
+                task.start(id).await?;
+                std::process::id()
+            }
+            None => self.agent(id)?.start(id, exec).await?,
+        };
+        if exec.is_empty() {
+            self.hooks(hooks::Stage::Poststart, id).await?;
         }
-        self.agent(id)?.start(id, exec).await
+        Ok(pid)
     }
 
     async fn exec(&self, id: &str, exec: &str, p: &NewExec) -> Result<(), GuestError> {
@@ -344,21 +426,8 @@ impl Guest for Host {
         if !exec.is_empty() {
             return self.agent(id)?.delete(id, exec).await;
         }
-        let entry = self.entries().remove(id);
-        let result = match &entry {
-            Some(Entry::Container(vm)) => {
-                let deleted = vm.delete(id, "").await;
-                let last = !self
-                    .entries()
-                    .values()
-                    .any(|e| matches!(e, Entry::Container(v) if Arc::ptr_eq(v, vm)));
-                if last {
-                    vm.shutdown().await;
-                }
-                deleted
-            }
-            Some(Entry::VmImage(_)) | None => Ok(()),
-        };
+        self.hooks(hooks::Stage::Poststop, id).await?;
+        let result = self.forget(id).await;
         let (dirs, ns, id) = (self.dirs.clone(), self.namespace.clone(), id.to_string());
         let _ = tokio::task::spawn_blocking(move || cleanup(&dirs, &ns, &id)).await;
         result

@@ -14,6 +14,7 @@ mod console;
 mod error;
 mod events;
 mod guest;
+mod hooks;
 mod host;
 mod model;
 mod rootfs;
