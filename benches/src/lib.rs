@@ -19,6 +19,8 @@
 //! `wait4` with its `rusage`, `pidfd_open`, and reading `errno` through them); each has
 //! a `// SAFETY:` comment.
 
+pub mod containerd;
+
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::File;

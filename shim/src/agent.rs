@@ -41,6 +41,7 @@ use tokio::task::JoinHandle;
 use vmm::{ControlSender, DiskConfig, VmAction, VmConfig, VmExit, VsockConfig};
 
 use crate::guest::{GuestError, NewContainer, NewExec, Stdio};
+use crate::host::log_timing;
 
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
@@ -104,6 +105,8 @@ impl Write for ConsoleTail {
 
 /// The VM to boot for containers.
 pub struct BootSpec {
+    /// The task the VM is booted for (for the logs).
+    pub task: String,
     pub vcpus: u8,
     pub memory_mib: u64,
     pub extra_cmdline: Option<String>,
@@ -235,10 +238,12 @@ impl AgentVm {
         config.on_exit = Some(Box::new(move |e: &VmExit| {
             exit_tx.send_replace(Some(e.clone()));
         }));
+        let since = Instant::now();
         let handle = tokio::task::spawn_blocking(move || vmm::start_vm(config))
             .await
             .map_err(|e| err(AgentVmError::Join(e)))?
             .map_err(|e| err(AgentVmError::Build(e)))?;
+        log_timing(&spec.task, "vm_build", since);
         let control = handle.control();
         tokio::task::spawn_blocking(move || drop(handle.wait()));
 
@@ -251,10 +256,8 @@ impl AgentVm {
                 return Err(err(e));
             }
         };
-        log::info!(
-            "guest agent answered {:?} after the VM started",
-            started.elapsed()
-        );
+        // From the VM's start to its agent's answer: the guest kernel's boot.
+        log_timing(&spec.task, "agent_ready", started);
         let client = TaskClient::new(ttrpc::asynchronous::Client::new(
             ttrpc::asynchronous::transport::Socket::new(stream),
         ));
@@ -404,11 +407,18 @@ impl AgentVm {
             exec_id: exec.to_string(),
             ..Default::default()
         };
-        self.client
-            .start(ctx(), &req)
-            .await
-            .map(|r| r.pid)
-            .map_err(agent_err)
+        let since = Instant::now();
+        let started = self.client.start(ctx(), &req).await;
+        log_timing(
+            id,
+            if exec.is_empty() {
+                "start"
+            } else {
+                "exec_start"
+            },
+            since,
+        );
+        started.map(|r| r.pid).map_err(agent_err)
     }
 
     pub async fn exec(&self, id: &str, exec: &str, p: &NewExec) -> Result<(), GuestError> {

@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use containerd_shim::protos::api::ProcessInfo;
@@ -65,6 +65,15 @@ pub fn run_dir(namespace: &str, shim_id: &str) -> PathBuf {
     let h = Sha256::digest(format!("{namespace}/{shim_id}").as_bytes());
     let hex: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
     Path::new(RUN_DIR).join(hex)
+}
+
+/// Logs how long a phase of a task took, as `timing: task=<id> <phase>_ms=<ms>` (the
+/// `ctr-container` bench reads these lines from containerd's log).
+pub fn log_timing(id: &str, phase: &str, since: Instant) {
+    log::info!(
+        "timing: task={id} {phase}_ms={:.3}",
+        since.elapsed().as_secs_f64() * 1000.0
+    );
 }
 
 fn host_err(
@@ -151,6 +160,16 @@ fn copy_tree(source: &Path, budget: &mut usize) -> Result<Vec<CopiedEntry>, Stri
     Ok(entries)
 }
 
+/// Where the container's files are: containerd's mounts go to `<bundle>/rootfs`; without
+/// mounts the spec's `root.path` (relative to the bundle) already holds them.
+fn rootfs_tree(c: &NewContainer, mounted: bool) -> PathBuf {
+    let bundle = Path::new(&c.bundle);
+    match c.spec.root().as_ref().map(|r| r.path()) {
+        Some(p) if !mounted => bundle.join(p),
+        _ => bundle.join("rootfs"),
+    }
+}
+
 impl Host {
     pub fn new(dirs: StateDirs, namespace: String, shim_id: &str) -> Self {
         Host {
@@ -218,8 +237,15 @@ impl Host {
 
     /// Mounts the rootfs, prepares the container on the blocking pool, unmounts.
     async fn prepare(&self, c: &NewContainer) -> Result<Prepared, GuestError> {
-        let tree = Path::new(&c.bundle).join("rootfs");
+        let since = Instant::now();
+        let prepared = self.prepare_in(c).await;
+        log_timing(&c.id, "prepare", since);
+        prepared
+    }
+
+    async fn prepare_in(&self, c: &NewContainer) -> Result<Prepared, GuestError> {
         let mounted = !c.rootfs.is_empty();
+        let tree = rootfs_tree(c, mounted);
         if mounted {
             tokio::fs::create_dir_all(&tree).await.map_err(|e| {
                 host_err(format!("create {}", tree.display()), Code::INTERNAL)(Box::new(e))
@@ -287,6 +313,7 @@ impl Host {
         );
         let serial = format!("{}0", rootfs::SERIAL_PREFIX);
         let agent = AgentVm::boot(BootSpec {
+            task: c.id.clone(),
             vcpus: vm.cpus,
             memory_mib: vm.memory_mib,
             extra_cmdline: vm.extra_cmdline,
@@ -296,7 +323,10 @@ impl Host {
             agent_timeout: Duration::from_secs(vm.agent_timeout_secs),
         })
         .await?;
-        match agent.create(c, &serial, copied).await {
+        let since = Instant::now();
+        let created = agent.create(c, &serial, copied).await;
+        log_timing(&c.id, "create", since);
+        match created {
             Ok(pid) => Ok((agent, pid)),
             Err(e) => {
                 agent.shutdown().await;
@@ -426,10 +456,12 @@ impl Guest for Host {
         if !exec.is_empty() {
             return self.agent(id)?.delete(id, exec).await;
         }
+        let since = Instant::now();
         self.hooks(hooks::Stage::Poststop, id).await?;
         let result = self.forget(id).await;
-        let (dirs, ns, id) = (self.dirs.clone(), self.namespace.clone(), id.to_string());
-        let _ = tokio::task::spawn_blocking(move || cleanup(&dirs, &ns, &id)).await;
+        let (dirs, ns, task) = (self.dirs.clone(), self.namespace.clone(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || cleanup(&dirs, &ns, &task)).await;
+        log_timing(id, "teardown", since);
         result
     }
 
