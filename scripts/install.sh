@@ -22,4 +22,4 @@ for a in vmlinux bzImage initramfs.cpio; do
 done
 echo "install: $PREFIX/bin/containerd-shim-kestrel-v2, $PREFIX/bin/kestrel, $PREFIX/share/kestrel/" >&2
 
-echo "install: ctr run --runtime io.containerd.kestrel.v2 IMAGE ID runs a VM image (Kubernetes pods are not supported yet)" >&2
+echo "install: ctr run --runtime io.containerd.kestrel.v2 IMAGE ID [CMD] runs a container (or a /disk/ VM image) in a microVM (Kubernetes pods are not supported yet)" >&2

@@ -484,6 +484,26 @@ impl Summary {
     }
 }
 
+/// `median [min..max] n=N` with `decimals` digits, or `-` for no sample.
+pub fn fmt_summary(s: Option<Summary>, decimals: usize) -> String {
+    match s {
+        Some(s) => format!(
+            "{:.d$} [{:.d$}..{:.d$}] n={}",
+            s.median,
+            s.min,
+            s.max,
+            s.n,
+            d = decimals
+        ),
+        None => "-".into(),
+    }
+}
+
+/// The [`Summary`] of any iterator of values.
+pub fn summary(v: impl IntoIterator<Item = f64>) -> Option<Summary> {
+    Summary::of(&v.into_iter().collect::<Vec<_>>())
+}
+
 /// Milliseconds of a duration.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

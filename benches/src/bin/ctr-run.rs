@@ -48,8 +48,8 @@ use kestrel_benches::containerd::{
     run_tool, sample_memory, task_events, MemSample, FIXTURE,
 };
 use kestrel_benches::{
-    ms, own_target_dir, ratio, timed_run, version_line, which, Ended, HostFacts, RunResult,
-    Summary, Table,
+    fmt_summary, ms, own_target_dir, ratio, summary, timed_run, version_line, which, Ended,
+    HostFacts, RunResult, Table,
 };
 use kestrel_integration_tests::containerd::{
     self, describe, ConsoleFifo, Containerd, KESTREL_RUNTIME, NAMESPACE,
@@ -357,24 +357,6 @@ fn memory_run(c: &Containerd, id: &str, log_from: &mut usize) -> Result<MemRun, 
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-fn fmt_summary(s: Option<Summary>, decimals: usize) -> String {
-    match s {
-        Some(s) => format!(
-            "{:.d$} [{:.d$}..{:.d$}] n={}",
-            s.median,
-            s.min,
-            s.max,
-            s.n,
-            d = decimals
-        ),
-        None => "-".into(),
-    }
-}
-
-fn summary(v: impl IntoIterator<Item = f64>) -> Option<Summary> {
-    Summary::of(&v.into_iter().collect::<Vec<_>>())
 }
 
 // ---------------------------------------------------------------------------------------
