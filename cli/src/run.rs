@@ -66,6 +66,8 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
     };
     let mut config = VmConfig::new(kernel);
     config.start_time = start;
+    // The guest's RNG is seeded at boot.
+    config.rng = true;
     config.vcpus = run.cpus;
     config.memory_mib = run.memory_mib;
     if let Some(c) = run.cmdline {

@@ -212,6 +212,8 @@ impl AgentVm {
 
         let console = ConsoleTail::default();
         let mut config = VmConfig::new(kernel);
+        // Seeds the guest's RNG at boot: a container's first getrandom() must not block.
+        config.rng = true;
         config.initrd = Some(initrd);
         // `quiet`: every console byte is an exit to the VMM; the tail is kept for errors.
         config.cmdline = format!("{} quiet {SERVE_PARAM}", vmm::DEFAULT_CMDLINE);

@@ -226,6 +226,7 @@ pub fn prepare_task(
         .map_err(|e| host_err(format!("open stdin {}", c.stdio.stdin))(Box::new(e)))?;
 
     let mut config = VmConfig::new(kernel);
+    config.rng = true;
     config.initrd = None;
     config.cmdline = kernel_cmdline(&vm, &prepared.root_device);
     config.vcpus = vm.cpus;

@@ -177,6 +177,9 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     if let Some(vsock) = config.vsock.take() {
         device_manager.add_vsock(&vm, &mut mmio, &mut manager, vsock)?;
     }
+    if config.rng {
+        device_manager.add_rng(&vm, &mut mmio, &mut manager)?;
+    }
     let mut cmdline = config.cmdline.clone();
     for entry in device_manager.cmdline_entries() {
         config::append_cmdline(&mut cmdline, entry);

@@ -42,6 +42,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// A virtio-rng entropy device (after the other virtio devices), so the guest's RNG
+    /// is seeded at boot.
+    pub rng: bool,
     /// Where the guest console (COM1) goes.
     pub console_out: Box<dyn Write + Send>,
     /// Host input for the guest console, if any (a terminal, pipe or socket).
@@ -66,6 +69,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            rng: false,
             console_out: Box::new(std::io::stdout()),
             console_in: None,
             start_time: Instant::now(),

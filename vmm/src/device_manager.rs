@@ -10,6 +10,7 @@ use devices::disk::DiskBackend;
 use devices::irq::{EventFdIrq, IrqLine};
 use devices::virtio::block::{Block, BlockError, BlockMetrics};
 use devices::virtio::net::{MacAddr, Net, NetError, NetMetrics, Tap, TapError};
+use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::vsock::{Vsock, VsockError, VsockMetrics};
 use devices::virtio::{
     MmioError, MmioTransport, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
@@ -80,6 +81,8 @@ pub enum DeviceError {
     },
     #[error("cannot create the vsock device")]
     Vsock(#[source] VsockError),
+    #[error("cannot create the virtio-rng device")]
+    Rng(#[source] RngError),
     #[error("cannot create the virtio-mmio transport")]
     Transport(#[source] MmioError),
     #[error("cannot create an interrupt event")]
@@ -164,6 +167,17 @@ impl DeviceManager {
         let device = Vsock::new(cfg.cid, &cfg.socket).map_err(DeviceError::Vsock)?;
         self.vsock_metrics = Some(device.metrics());
         let device = Arc::new(Mutex::new(device));
+        self.add_virtio(vm, mmio, manager, device.clone(), device)
+    }
+
+    /// Attaches the entropy device (virtio-rng over the host's /dev/urandom).
+    pub fn add_rng(
+        &mut self,
+        vm: &Vm,
+        mmio: &mut Bus,
+        manager: &mut Manager,
+    ) -> Result<(), DeviceError> {
+        let device = Arc::new(Mutex::new(Rng::new().map_err(DeviceError::Rng)?));
         self.add_virtio(vm, mmio, manager, device.clone(), device)
     }
 

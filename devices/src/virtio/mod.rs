@@ -55,6 +55,8 @@ pub mod block;
 pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod rng;
+pub mod single_queue;
 pub mod vsock;
 
 #[cfg(test)]
@@ -98,6 +100,7 @@ pub mod features {
 pub mod device_id {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
 }
 

@@ -142,19 +142,32 @@ impl TestVmm {
     /// Wires a block device the way the vmm does (see the `virtio` module docs).
     pub fn add_block(&mut self, block: Block, base: u64) -> Slot {
         let block = Arc::new(Mutex::new(block));
-        let irq = CountingIrq::default();
-        let transport =
-            MmioTransport::new(self.mem.clone(), block.clone(), Arc::new(irq.clone())).unwrap();
-        let transport = Arc::new(Mutex::new(transport));
-        self.bus
-            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)
-            .unwrap();
-        self.em.add_subscriber(block.clone());
+        let (transport, irq) = self.add_device(block.clone(), base);
         Slot {
             transport,
             block,
             irq,
         }
+    }
+
+    /// Wires any virtio device at `base`: transport on the bus, subscriber in the loop.
+    pub fn add_device<D>(
+        &mut self,
+        device: Arc<Mutex<D>>,
+        base: u64,
+    ) -> (Arc<Mutex<MmioTransport>>, CountingIrq)
+    where
+        D: crate::virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let irq = CountingIrq::default();
+        let transport =
+            MmioTransport::new(self.mem.clone(), device.clone(), Arc::new(irq.clone())).unwrap();
+        let transport = Arc::new(Mutex::new(transport));
+        self.bus
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+            .unwrap();
+        self.em.add_subscriber(device);
+        (transport, irq)
     }
 
     pub fn read32(&self, addr: u64) -> u32 {

@@ -132,7 +132,8 @@ fn ctr_prefix(c: &Containerd) -> String {
     format!("ctr -a {} -n {NAMESPACE}", c.socket().display())
 }
 
-/// A task's output lines, stdout and stderr kept apart, its exit status, its hostname;
+/// A task's output lines, stdout and stderr kept apart, its exit status, its hostname, a
+/// seeded RNG;
 /// writes stay in the container's own layer (a second container of the same image, on the
 /// cached root image, does not see them).
 #[test]
@@ -154,13 +155,14 @@ fn container_output_exit_status_and_private_rootfs() {
             &a,
             "sh",
             "-c",
-            "echo hi; echo oops >&2; echo $GREETING; echo data > /written; cat /written; hostname; exit 3",
+            // /dev/random blocks until the guest's RNG is seeded (virtio-rng).
+            "echo hi; echo oops >&2; echo $GREETING; echo data > /written; cat /written; hostname; head -c 8 /dev/random | wc -c; exit 3",
         ],
         BOOT_TIMEOUT,
     );
     assert_eq!(
         stdout(&out).lines().collect::<Vec<_>>(),
-        ["hi", "hello", "data", a.as_str()],
+        ["hi", "hello", "data", a.as_str(), "8"],
         "{}",
         describe(&out)
     );

@@ -17,7 +17,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -28,7 +28,7 @@ use crate::virtio::device::{
     read_config_space, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
     VirtioInterrupt,
 };
-use crate::virtio::{device_id, features, RateLimitedLog};
+use crate::virtio::{device_id, features, single_queue, RateLimitedLog};
 
 /// Entries of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -80,13 +80,13 @@ struct Io {
     limits: RequestLimits,
     bounce: Vec<u8>,
     metrics: Arc<BlockMetrics>,
-    log: RateLimitedLog,
 }
 
 /// A virtio-blk device. Share it as `Arc<Mutex<Block>>` with the transport and the VMM
 /// thread's `EventManager` (see [`crate::virtio`] for the wiring).
 pub struct Block {
     io: Io,
+    log: RateLimitedLog,
     features: u64,
     config: [u8; CONFIG_LEN],
     queue_max_sizes: [u16; 1],
@@ -144,8 +144,8 @@ impl Block {
                 limits,
                 bounce: vec![0; BOUNCE_LEN],
                 metrics: Arc::default(),
-                log: RateLimitedLog::default(),
             },
+            log: RateLimitedLog::default(),
             features,
             config: config_space(&limits),
             queue_max_sizes: [QUEUE_SIZE],
@@ -168,101 +168,46 @@ impl Block {
     }
 
     pub(super) fn log(&mut self) -> &mut RateLimitedLog {
-        &mut self.io.log
+        &mut self.log
     }
 
-    /// Processes every available request, then re-enables notifications; loops while the
-    /// driver added requests in between (virtio-queue's suppression protocol). Raises at
-    /// most one interrupt per batch, and only when the driver asked for it.
+    /// Serves every available request (see [`single_queue::serve`]).
     pub(super) fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let Active {
+        let Some(Active {
             mem,
             queue,
             interrupt,
-        } = active;
+        }) = self.active.as_mut()
+        else {
+            return;
+        };
         let io = &mut self.io;
-        // A guest can publish an available index that no chain can be popped for (an index
-        // more than a queue ahead); `enable_notification` would then report "more work"
-        // forever. Stop on an iterator error, or after a second pass that made no progress.
-        let mut idle_passes = 0u32;
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                io.log.warn(format_args!(
-                    "virtio-blk: cannot disable notifications: {e}"
-                ));
-                return;
-            }
-            let mut completed = 0u32;
-            let mut broken = false;
-            loop {
-                let chain = match queue.iter(&*mem) {
-                    Ok(mut iter) => iter.next(),
-                    Err(e) => {
-                        io.log
-                            .warn(format_args!("virtio-blk: broken available ring: {e}"));
-                        broken = true;
-                        None
-                    }
-                };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let len = io.handle(mem, chain);
-                if let Err(e) = queue.add_used(&*mem, head, len) {
-                    io.log.warn(format_args!(
-                        "virtio-blk: cannot complete request {head}: {e}"
-                    ));
-                }
-                completed = completed.saturating_add(1);
-            }
-            if completed > 0 {
-                idle_passes = 0;
-                match queue.needs_notification(&*mem) {
-                    Ok(true) => {
-                        if let Err(e) = interrupt.signal_used_queue() {
-                            io.log
-                                .warn(format_args!("virtio-blk: cannot raise interrupt: {e}"));
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        io.log
-                            .warn(format_args!("virtio-blk: used_event unreadable: {e}"));
-                    }
-                }
-            } else {
-                idle_passes = idle_passes.saturating_add(1);
-            }
-            if broken || idle_passes > 1 {
-                // Re-enable notifications so a fixed ring is served on the next kick.
-                let _ = queue.enable_notification(&*mem);
-                return;
-            }
-            match queue.enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => {
-                    io.log
-                        .warn(format_args!("virtio-blk: cannot enable notifications: {e}"));
-                    return;
-                }
-            }
-        }
+        single_queue::serve(
+            "virtio-blk",
+            queue,
+            mem,
+            interrupt,
+            &mut self.log,
+            |chain, log| io.handle(mem, chain, log),
+        );
     }
 }
 
 impl Io {
     /// Runs one chain; returns the used length (bytes written into the guest).
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    fn handle(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        log: &mut RateLimitedLog,
+    ) -> u32 {
         self.metrics.add(Counter::Requests, 1);
         let head = chain.head_index();
         let request = match request::parse(chain, &self.limits) {
             Ok(r) => r,
             Err(rejected) => {
                 self.metrics.add(Counter::InvalidRequests, 1);
-                self.log.warn(format_args!(
+                log.warn(format_args!(
                     "virtio-blk: request {head} refused: {}",
                     rejected.error
                 ));
@@ -279,7 +224,7 @@ impl Io {
                 let cause = std::error::Error::source(&e)
                     .map(|s| format!(": {s}"))
                     .unwrap_or_default();
-                self.log.warn(format_args!(
+                log.warn(format_args!(
                     "virtio-blk: request {head} failed: {e}{cause}"
                 ));
                 (VIRTIO_BLK_S_IOERR as u8, 0)
@@ -288,7 +233,7 @@ impl Io {
         match mem.write_obj(status, request.status) {
             Ok(()) => written.saturating_add(1),
             Err(e) => {
-                self.log.warn(format_args!(
+                log.warn(format_args!(
                     "virtio-blk: cannot write status of {head}: {e}"
                 ));
                 written
@@ -466,7 +411,7 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Nothing in our configuration space is writable (no CONFIG_WCE).
-        self.io.log.warn(format_args!(
+        self.log.warn(format_args!(
             "virtio-blk: {}-byte config write at {offset:#x} ignored",
             data.len()
         ));
