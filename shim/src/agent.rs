@@ -32,7 +32,9 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::shim_async::TaskClient;
 use containerd_shim::protos::ttrpc::{self, Code};
 use devices::disk::DiskBackend;
-use kestrel_agent_protocol::{ContainerConfig, CopiedMount, StdioPort, AGENT_PORT, SERVE_PARAM};
+use kestrel_agent_protocol::{
+    ContainerConfig, CopiedMount, GuestEvent, StdioPort, AGENT_PORT, EVENTS_PORT, SERVE_PARAM,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::{UnixListener, UnixStream};
@@ -116,6 +118,8 @@ pub struct BootSpec {
     /// Where the vsock sockets live (removed with the VM).
     pub dir: PathBuf,
     pub agent_timeout: Duration,
+    /// Called with every event the agent reports (OOM kills).
+    pub on_event: Box<dyn Fn(GuestEvent) + Send + Sync>,
 }
 
 /// The stdio relays of one process.
@@ -143,6 +147,7 @@ pub struct AgentVm {
     io: Mutex<HashMap<(String, String), ProcIo>>,
     exit: watch::Receiver<Option<VmExit>>,
     console: ConsoleTail,
+    events: tokio::task::AbortHandle,
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -209,6 +214,17 @@ impl AgentVm {
             .map_err(|e| err(AgentVmError::Dir(spec.dir.clone(), e)))?;
         let vsock = spec.dir.join("vsock");
         let _ = tokio::fs::remove_file(&vsock).await;
+        // The agent connects here at boot to report events: listen before the VM runs.
+        let events_path = PathBuf::from(format!("{}_{EVENTS_PORT}", vsock.display()));
+        let _ = tokio::fs::remove_file(&events_path).await;
+        let events_listener = UnixListener::bind(&events_path).map_err(|e| {
+            GuestError::host(
+                format!("listen at {}", events_path.display()),
+                Code::INTERNAL,
+                e,
+            )
+        })?;
+        let events = tokio::spawn(read_events(events_listener, spec.on_event)).abort_handle();
 
         let console = ConsoleTail::default();
         let mut config = VmConfig::new(kernel);
@@ -253,6 +269,7 @@ impl AgentVm {
         let stream = match Self::connect_agent(&vsock, &exit, &console, spec.agent_timeout).await {
             Ok(s) => s,
             Err(e) => {
+                events.abort();
                 stop(&control).await;
                 let _ = tokio::fs::remove_dir_all(&spec.dir).await;
                 return Err(err(e));
@@ -272,6 +289,7 @@ impl AgentVm {
             io: Mutex::new(HashMap::new()),
             exit,
             console,
+            events,
         }))
     }
 
@@ -596,6 +614,7 @@ impl AgentVm {
 
     /// Stops the VM and removes its sockets.
     pub async fn shutdown(&self) {
+        self.events.abort();
         stop(&self.control).await;
         let mut exit = self.exit.clone();
         let ended = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
@@ -620,6 +639,21 @@ async fn stop(control: &ControlSender) {
         }),
     );
     let _ = rx.await;
+}
+
+/// Reads the agent's events stream (one JSON object a line) until the VM is gone.
+async fn read_events(listener: UnixListener, on_event: Box<dyn Fn(GuestEvent) + Send + Sync>) {
+    use tokio::io::AsyncBufReadExt;
+    let Ok((stream, _)) = listener.accept().await else {
+        return;
+    };
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        match GuestEvent::from_line(&line) {
+            Ok(event) => on_event(event),
+            Err(e) => log::warn!("the guest agent sent a bad event {line:?}: {e}"),
+        }
+    }
 }
 
 /// Copies the agent's stream of one output into containerd's FIFO, then closes it.

@@ -6,7 +6,7 @@
 //! RPC ever waits on containerd's event service.
 
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskStart,
 };
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
@@ -23,6 +23,7 @@ pub enum Event {
     ExecStarted(TaskExecStarted),
     Exit(TaskExit),
     Delete(TaskDelete),
+    Oom(TaskOOM),
 }
 
 impl Event {
@@ -34,6 +35,7 @@ impl Event {
             Event::ExecStarted(_) => topics::TASK_EXEC_STARTED_EVENT_TOPIC,
             Event::Exit(_) => topics::TASK_EXIT_EVENT_TOPIC,
             Event::Delete(_) => topics::TASK_DELETE_EVENT_TOPIC,
+            Event::Oom(_) => topics::TASK_OOM_EVENT_TOPIC,
         }
     }
 
@@ -45,6 +47,7 @@ impl Event {
             Event::ExecStarted(e) => Box::new(e),
             Event::Exit(e) => Box::new(e),
             Event::Delete(e) => Box::new(e),
+            Event::Oom(e) => Box::new(e),
         }
     }
 }

@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use containerd_shim::protos::api::ProcessInfo;
+use containerd_shim::protos::events::task::TaskOOM;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::ttrpc::Code;
-use kestrel_agent_protocol::{CopiedEntry, CopiedMount, EntryKind, MAX_COPIED_BYTES};
+use kestrel_agent_protocol::{CopiedEntry, CopiedMount, EntryKind, GuestEvent, MAX_COPIED_BYTES};
 use sha2::{Digest, Sha256};
 
 use crate::agent::{AgentVm, BootSpec};
+use crate::events::{Event, EventTx};
 use crate::guest::{Guest, GuestError, NewContainer, NewExec};
 use crate::hooks;
 use crate::rootfs::{self, PreparedRootfs};
@@ -52,6 +54,8 @@ enum Prepared {
 
 pub struct Host {
     dirs: StateDirs,
+    /// The model's ordered event channel (for TaskOOM, which only the guest knows of).
+    events: EventTx,
     namespace: String,
     /// The directory of this shim's VM sockets.
     run_dir: PathBuf,
@@ -171,10 +175,11 @@ fn rootfs_tree(c: &NewContainer, mounted: bool) -> PathBuf {
 }
 
 impl Host {
-    pub fn new(dirs: StateDirs, namespace: String, shim_id: &str) -> Self {
+    pub fn new(dirs: StateDirs, namespace: String, shim_id: &str, events: EventTx) -> Self {
         Host {
             run_dir: run_dir(&namespace, shim_id),
             dirs,
+            events,
             namespace,
             entries: Mutex::new(HashMap::new()),
             booting: AtomicBool::new(false),
@@ -321,6 +326,18 @@ impl Host {
             serial: serial.clone(),
             dir: self.run_dir.clone(),
             agent_timeout: Duration::from_secs(vm.agent_timeout_secs),
+            on_event: {
+                let events = self.events.clone();
+                Box::new(move |e| match e {
+                    GuestEvent::Oom { container_id } => {
+                        log::info!("task {container_id}: the guest's OOM killer killed a process");
+                        let _ = events.send(Event::Oom(TaskOOM {
+                            container_id,
+                            ..Default::default()
+                        }));
+                    }
+                })
+            },
         })
         .await?;
         let since = Instant::now();

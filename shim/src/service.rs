@@ -69,7 +69,12 @@ impl Shim for Service {
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         let (tx, rx) = events::channel();
         tokio::spawn(events::forward(rx, publisher, self.namespace.clone()));
-        let host = Host::new(StateDirs::from_env(), self.namespace.clone(), &self.id);
+        let host = Host::new(
+            StateDirs::from_env(),
+            self.namespace.clone(),
+            &self.id,
+            tx.clone(),
+        );
         TaskService::new(Model::new(Arc::new(host), tx), self.exit.clone())
     }
 }

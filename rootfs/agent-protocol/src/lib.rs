@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 /// The vsock port the agent's ttrpc server listens on.
 pub const AGENT_PORT: u32 = 1024;
+/// The host port the agent connects to at boot to report [`GuestEvent`]s, one JSON object
+/// a line.
+pub const EVENTS_PORT: u32 = 1025;
 /// The host's vsock CID, to which the agent connects for stdio.
 pub const HOST_CID: u32 = 2;
 /// `type_url` of the `Any` in `CreateTaskRequest.options` that holds a [`ContainerConfig`].
@@ -71,6 +74,28 @@ pub enum EntryKind {
     File(Vec<u8>),
     Dir,
     Symlink(String),
+}
+
+/// What the agent reports without being asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum GuestEvent {
+    /// The kernel's OOM killer killed a process of this container (its cgroup's
+    /// `memory.events` oom_kill count went up).
+    Oom { container_id: String },
+}
+
+impl GuestEvent {
+    /// One line of the events stream.
+    pub fn to_line(&self) -> Result<String, ProtocolError> {
+        let mut line = serde_json::to_string(self).map_err(ProtocolError::Json)?;
+        line.push('\n');
+        Ok(line)
+    }
+
+    pub fn from_line(line: &str) -> Result<Self, ProtocolError> {
+        serde_json::from_str(line.trim_end()).map_err(ProtocolError::Json)
+    }
 }
 
 /// Errors decoding what the other side sent.
@@ -194,6 +219,18 @@ mod tests {
             ContainerConfig::from_any(&wrong),
             Err(ProtocolError::NotAConfig(_))
         ));
+    }
+
+    #[test]
+    fn events_are_json_lines() {
+        let e = GuestEvent::Oom {
+            container_id: "c1".into(),
+        };
+        let line = e.to_line().unwrap();
+        assert_eq!(line, "{\"event\":\"oom\",\"container_id\":\"c1\"}\n");
+        assert_eq!(GuestEvent::from_line(&line).unwrap(), e);
+        assert!(GuestEvent::from_line("{\"event\":\"reboot\"}").is_err());
+        assert!(GuestEvent::from_line("not json").is_err());
     }
 
     #[test]

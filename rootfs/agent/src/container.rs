@@ -135,6 +135,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Container {
     dir: PathBuf,
+    oom_watch: Option<nix::sys::inotify::WatchDescriptor>,
     rootfs: PathBuf,
     cgroup: PathBuf,
     init: Arc<Proc>,
@@ -142,8 +143,8 @@ struct Container {
 }
 
 /// Every container of this guest, and the reaper's table of pids.
-#[derive(Default)]
 pub struct Agent {
+    oom: Option<Arc<crate::oom::OomWatcher>>,
     containers: Mutex<HashMap<String, Container>>,
     /// Started processes by pid. Spawning holds this lock (so the reaper cannot see a pid
     /// before it is here, and no two helpers inherit each other's pipes).
@@ -167,6 +168,15 @@ fn check_id(id: &str) -> Result<(), AgentError> {
 }
 
 impl Agent {
+    pub fn new(oom: Option<Arc<crate::oom::OomWatcher>>) -> Self {
+        Agent {
+            oom,
+            containers: Mutex::default(),
+            watched: Mutex::default(),
+            children: Condvar::new(),
+        }
+    }
+
     /// Reaps children forever (PID 1's duty); run on its own thread.
     pub fn reap(&self) {
         use nix::sys::wait::{waitpid, WaitStatus};
@@ -259,9 +269,17 @@ impl Agent {
         };
         let init = self.spawn(process, &group, mode, io)?;
         let pid = init.pid;
+        let oom_watch = self.oom.as_ref().and_then(|w| match w.watch(id, &group) {
+            Ok(wd) => Some(wd),
+            Err(e) => {
+                log::warn!("container {id}: OOM kills are not reported: {e}");
+                None
+            }
+        });
         Ok((
             Container {
                 dir: dir.to_path_buf(),
+                oom_watch,
                 rootfs,
                 cgroup: group,
                 init,
@@ -523,6 +541,9 @@ impl Agent {
         };
         drop(all);
         let exit = c.init.exit();
+        if let (Some(w), Some(wd)) = (&self.oom, c.oom_watch) {
+            w.unwatch(wd);
+        }
         for pid in cgroup::pids(&c.cgroup).unwrap_or_default() {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }

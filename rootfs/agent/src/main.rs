@@ -31,6 +31,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 mod cgroup;
 mod container;
 mod helper;
+mod oom;
 mod server;
 mod stdio;
 

@@ -274,7 +274,14 @@ fn setup_guest() -> Result<(), Error> {
 /// Serves until the VM is stopped.
 pub fn serve() -> Result<(), Error> {
     setup_guest()?;
-    let agent = Arc::new(Agent::default());
+    let oom = match crate::oom::OomWatcher::start() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!("OOM kills are not reported: {e}");
+            None
+        }
+    };
+    let agent = Arc::new(Agent::new(oom));
     {
         let agent = agent.clone();
         std::thread::Builder::new()

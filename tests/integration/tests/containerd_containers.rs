@@ -133,9 +133,9 @@ fn ctr_prefix(c: &Containerd) -> String {
 }
 
 /// A task's output lines, stdout and stderr kept apart, its exit status, its hostname, a
-/// seeded RNG;
-/// writes stay in the container's own layer (a second container of the same image, on the
-/// cached root image, does not see them).
+/// seeded RNG; writes stay in the container's own layer (a second container of the same
+/// image, on the cached root image, does not see them); the memory limit applies in the
+/// guest and its OOM kill is published as TaskOOM.
 #[test]
 fn container_output_exit_status_and_private_rootfs() {
     let Some(setup) = setup() else {
@@ -182,17 +182,32 @@ fn container_output_exit_status_and_private_rootfs() {
             "--rm",
             "--runtime",
             KESTREL_RUNTIME,
+            "--memory-limit",
+            "8388608",
             BUSYBOX_IMAGE,
             &b,
             "sh",
             "-c",
-            "cat /written || echo not-there",
+            // A string that doubles until the container's 8 MiB limit stops it.
+            r#"cat /written || echo not-there; awk 'BEGIN { s = "x"; while (1) s = s s }'; echo awk=$?"#,
         ],
         BOOT_TIMEOUT,
     );
     assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(stdout(&out).trim(), "not-there", "{}", describe(&out));
+    assert_eq!(
+        stdout(&out).lines().collect::<Vec<_>>(),
+        ["not-there", "awk=137"],
+        "{}",
+        describe(&out)
+    );
     let log = c.log();
+    assert!(
+        log.contains(&format!(
+            "task {b}: the guest's OOM killer killed a process"
+        )) && log.contains("topic=/tasks/oom"),
+        "the OOM kill must be published as TaskOOM; log:\n{}",
+        c.log_tail(40)
+    );
     assert!(
         log.lines()
             .any(|l| l.contains(&format!("task {b}: container")) && l.contains("(cached)")),
