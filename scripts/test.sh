@@ -13,5 +13,10 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo build (the shim the containerd tests run)" >&2
+# cargo test does not build another package's binaries: build the shim now, and point the
+# tests at it so they never pick up a stale one.
+cargo build --quiet -p kestrel-shim
+export KESTREL_SHIM="$CARGO_TARGET_DIR/debug/containerd-shim-kestrel-v2"
 echo "== cargo test" >&2
 cargo test --workspace "$@"
