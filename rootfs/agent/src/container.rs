@@ -135,6 +135,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Container {
     dir: PathBuf,
+    seccomp: Option<kestrel_agent_protocol::oci_spec::runtime::LinuxSeccomp>,
     oom_watch: Option<nix::sys::inotify::WatchDescriptor>,
     rootfs: PathBuf,
     cgroup: PathBuf,
@@ -267,7 +268,8 @@ impl Agent {
             masked: linux.masked_paths().clone().unwrap_or_default(),
             readonly_paths: linux.readonly_paths().clone().unwrap_or_default(),
         };
-        let init = self.spawn(process, &group, mode, io)?;
+        let seccomp = linux.seccomp().clone();
+        let init = self.spawn(process, &group, mode, seccomp.clone(), io)?;
         let pid = init.pid;
         let oom_watch = self.oom.as_ref().and_then(|w| match w.watch(id, &group) {
             Ok(wd) => Some(wd),
@@ -279,6 +281,7 @@ impl Agent {
         Ok((
             Container {
                 dir: dir.to_path_buf(),
+                seccomp,
                 oom_watch,
                 rootfs,
                 cgroup: group,
@@ -295,6 +298,7 @@ impl Agent {
         process: Process,
         group: &Path,
         mode: Mode,
+        seccomp: Option<kestrel_agent_protocol::oci_spec::runtime::LinuxSeccomp>,
         io: StdioRequest,
     ) -> Result<Arc<Proc>, AgentError> {
         let connect = |port: Option<StdioPort>, name: &str| {
@@ -329,6 +333,7 @@ impl Agent {
             process,
             cgroup: group.to_path_buf(),
             mode,
+            seccomp,
         };
         let json = serde_json::to_string(&config)
             .map_err(|e| AgentError::Invalid(format!("cannot encode the process: {e}")))?;
@@ -454,16 +459,16 @@ impl Agent {
         io: StdioRequest,
     ) -> Result<(), AgentError> {
         check_id(exec_id)?;
-        let (group, init_pid) = self.with(id, |c| {
+        let (group, init_pid, seccomp) = self.with(id, |c| {
             if c.execs.contains_key(exec_id) {
                 return Err(AgentError::Exists(format!("exec {exec_id} of {id}")));
             }
             if c.init.exit().is_some() {
                 return Err(AgentError::Exited(id.to_string()));
             }
-            Ok((c.cgroup.clone(), c.init.pid as i32))
+            Ok((c.cgroup.clone(), c.init.pid as i32, c.seccomp.clone()))
         })?;
-        let proc = self.spawn(process, &group, Mode::Exec { init_pid }, io)?;
+        let proc = self.spawn(process, &group, Mode::Exec { init_pid }, seccomp, io)?;
         self.with(id, |c| {
             c.execs.insert(exec_id.to_string(), proc);
             Ok(())

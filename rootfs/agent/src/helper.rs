@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 
-use kestrel_agent_protocol::oci_spec::runtime::{LinuxCapabilities, Mount, Process};
+use kestrel_agent_protocol::oci_spec::runtime::{LinuxCapabilities, LinuxSeccomp, Mount, Process};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,8 @@ pub struct HelperConfig {
     pub process: Process,
     pub cgroup: PathBuf,
     pub mode: Mode,
+    /// The container's seccomp profile (execs get their container's).
+    pub seccomp: Option<LinuxSeccomp>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,9 +69,9 @@ pub fn run(config: &OsStr) -> ! {
     // SAFETY: as for the report fd.
     let start = File::from(unsafe { OwnedFd::from_raw_fd(config.start_fd) });
     match setup(&config) {
-        Ok(()) => {
+        Ok(filters) => {
             let _ = report.write_all(b"ok\n");
-            let err = exec(&config.process, start, report.as_fd());
+            let err = exec(&config.process, start, report.as_fd(), &filters);
             let _ = writeln!(report, "{err}");
         }
         Err(e) => {
@@ -89,7 +91,14 @@ fn ioerr(what: impl Into<String>) -> impl FnOnce(io::Error) -> String {
     move |e| format!("{what}: {e}")
 }
 
-fn setup(config: &HelperConfig) -> Result<(), String> {
+/// Sets the process up; returns the seccomp filters still to install right before the
+/// exec (all of them with no_new_privs; none without it: they went in while the helper
+/// still had CAP_SYS_ADMIN, which installing them then needs).
+fn setup(config: &HelperConfig) -> Result<Vec<seccompiler::BpfProgram>, String> {
+    let filters = match &config.seccomp {
+        Some(profile) => crate::seccomp::filters(profile)?,
+        None => Vec::new(),
+    };
     nix::unistd::setsid().map_err(err("setsid"))?;
     if config.process.terminal().unwrap_or(false) {
         rustix::process::ioctl_tiocsctty(io::stdin())
@@ -134,11 +143,16 @@ fn setup(config: &HelperConfig) -> Result<(), String> {
         cwd.display()
     )))?;
     set_rlimits(&config.process)?;
-    set_user(&config.process)?;
-    if config.process.no_new_privileges().unwrap_or(false) {
-        nix::sys::prctl::set_no_new_privs().map_err(err("set no_new_privs"))?;
+    let nnp = config.process.no_new_privileges().unwrap_or(false);
+    if !nnp {
+        crate::seccomp::apply(&filters)?;
     }
-    Ok(())
+    set_user(&config.process)?;
+    if nnp {
+        nix::sys::prctl::set_no_new_privs().map_err(err("set no_new_privs"))?;
+        return Ok(filters);
+    }
+    Ok(Vec::new())
 }
 
 /// `dest` inside `root`, refusing `..` (a spec's destination is always absolute).
@@ -479,7 +493,12 @@ fn set_user(process: &Process) -> Result<(), String> {
 
 /// Waits for the start byte, then replaces this process with the container's. Returns only
 /// on failure.
-fn exec(process: &Process, mut start: File, report: std::os::fd::BorrowedFd<'_>) -> String {
+fn exec(
+    process: &Process,
+    mut start: File,
+    report: std::os::fd::BorrowedFd<'_>,
+    filters: &[seccompiler::BpfProgram],
+) -> String {
     let mut byte = [0u8; 1];
     match start.read(&mut byte) {
         Ok(1) => {}
@@ -500,6 +519,9 @@ fn exec(process: &Process, mut start: File, report: std::os::fd::BorrowedFd<'_>)
     let Some((program, rest)) = args.split_first() else {
         return "the process has no args".to_string();
     };
+    if let Err(e) = crate::seccomp::apply(filters) {
+        return e;
+    }
     let mut cmd = std::process::Command::new(program);
     cmd.args(rest).env_clear();
     for e in process.env().iter().flatten() {

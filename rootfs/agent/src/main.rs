@@ -32,6 +32,7 @@ mod cgroup;
 mod container;
 mod helper;
 mod oom;
+mod seccomp;
 mod server;
 mod stdio;
 

@@ -358,7 +358,8 @@ fn container_exec_ps_metrics_and_signals() {
     assert_gone(c, &id);
 }
 
-/// `ctr run -t` gives the process a terminal of ctr's size.
+/// `ctr run -t` gives the process a terminal of ctr's size; `--seccomp` (containerd's
+/// default profile, an allow list with argument conditions) lets a shell run.
 #[test]
 fn container_run_with_a_terminal() {
     let Some(setup) = setup() else {
@@ -368,7 +369,7 @@ fn container_run_with_a_terminal() {
     let id = unique("ct");
     let out = shell(
         &format!(
-            "script -qec \"stty rows 33 cols 77; {} run --rm -t --runtime {KESTREL_RUNTIME} {BUSYBOX_IMAGE} {id} sh -c 'test -t 0 && echo is-a-tty; stty size; exit 4'\" /dev/null; echo status=$?",
+            "script -qec \"stty rows 33 cols 77; {} run --rm -t --seccomp --runtime {KESTREL_RUNTIME} {BUSYBOX_IMAGE} {id} sh -c 'test -t 0 && echo is-a-tty; stty size; exit 4'\" /dev/null; echo status=$?",
             ctr_prefix(c)
         ),
         BOOT_TIMEOUT,
@@ -399,7 +400,8 @@ fn busybox_root(dir: &Path) -> PathBuf {
 }
 
 /// A spec from a file (`ctr run --config`): its hooks run on the host with the state on
-/// stdin; a process whose binary is missing fails with a clear error and nothing left.
+/// stdin, its seccomp profile applies in the guest; a process whose binary is missing
+/// fails with a clear error and nothing left.
 #[test]
 fn container_spec_hooks_and_missing_binary() {
     let Some(setup) = setup() else {
@@ -411,6 +413,11 @@ fn container_spec_hooks_and_missing_binary() {
     let base: serde_json::Value = serde_json::from_str(&c.ctr_ok(&["oci", "spec"])).unwrap();
     let spec_with = |root: &Path, args: &[&str], tag: &str| -> PathBuf {
         let mut s = base.clone();
+        // A deny list: mkdir fails with EACCES, everything else is allowed.
+        s["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}],
+        });
         s["root"] = serde_json::json!({"path": root, "readonly": false});
         s["process"]["args"] = serde_json::json!(args);
         s["process"]["terminal"] = serde_json::json!(false);
@@ -477,7 +484,15 @@ fn container_spec_hooks_and_missing_binary() {
     // A root with busybox: every hook sees the container's state.
     let root = busybox_root(&dir);
     let id = unique("ch");
-    let spec = spec_with(&root, &["sh", "-c", "echo from-spec"], "ok");
+    let spec = spec_with(
+        &root,
+        &[
+            "sh",
+            "-c",
+            "mkdir /made 2>/dev/null || echo mkdir-denied; echo from-spec",
+        ],
+        "ok",
+    );
     let started = Instant::now();
     let out = c.ctr_with_timeout(
         &[
@@ -497,7 +512,12 @@ fn container_spec_hooks_and_missing_binary() {
         describe(&out),
         started.elapsed()
     );
-    assert_eq!(stdout(&out).trim(), "from-spec", "{}", describe(&out));
+    assert_eq!(
+        stdout(&out).lines().collect::<Vec<_>>(),
+        ["mkdir-denied", "from-spec"],
+        "the spec's seccomp profile applies: {}",
+        describe(&out)
+    );
     let created = state("ok", "createRuntime").expect("createRuntime did not run");
     assert_eq!(created["id"], id.as_str());
     assert!(created["pid"].as_u64().unwrap_or(0) > 0, "{created}");
