@@ -27,6 +27,7 @@ use crate::agent::{AgentVm, BootSpec};
 use crate::events::{Event, EventTx};
 use crate::guest::{Guest, GuestError, NewContainer, NewExec};
 use crate::hooks;
+use crate::netns::{self, NetnsThread};
 use crate::rootfs::{self, PreparedRootfs};
 use crate::spec;
 use crate::vm_image::{self, ImageError, StateDirs, VmImageTask};
@@ -45,6 +46,9 @@ struct Entry {
     spec: Arc<oci_spec::runtime::Spec>,
     bundle: String,
     pid: u32,
+    /// The host thread in the container's network namespace, whose tid the hooks get as
+    /// the container's pid.
+    netns: Option<NetnsThread>,
 }
 
 enum Prepared {
@@ -207,11 +211,10 @@ impl Host {
 
     /// Runs the hooks of `stage` for `id`; only createRuntime failures are errors.
     async fn hooks(&self, stage: hooks::Stage, id: &str) -> Result<(), GuestError> {
-        let Some((spec, bundle, pid)) = self
-            .entries()
-            .get(id)
-            .map(|e| (e.spec.clone(), e.bundle.clone(), e.pid))
-        else {
+        let Some((spec, bundle, pid)) = self.entries().get(id).map(|e| {
+            let pid = e.netns.as_ref().map_or(e.pid, NetnsThread::tid);
+            (e.spec.clone(), e.bundle.clone(), pid)
+        }) else {
             return Ok(());
         };
         match hooks::run(stage, &spec, id, pid, &bundle).await {
@@ -236,8 +239,30 @@ impl Host {
                 spec: Arc::new(c.spec.clone()),
                 bundle: c.bundle.clone(),
                 pid,
+                netns: None,
             },
         );
+    }
+
+    /// Gives container `id` the network namespace its spec asks for (see [`crate::netns`]).
+    async fn enter_netns(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<(), GuestError> {
+        let Some(path) = netns::requested(spec) else {
+            return Ok(());
+        };
+        let thread = tokio::task::spawn_blocking(move || NetnsThread::start(path.as_deref()))
+            .await
+            .map_err(|e| {
+                host_err("start the network namespace thread", Code::INTERNAL)(Box::new(e))
+            })?
+            .map_err(|e| GuestError::host("set up the network namespace", Code::INTERNAL, e))?;
+        if let Some(e) = self.entries().get_mut(id) {
+            e.netns = Some(thread);
+        }
+        Ok(())
     }
 
     /// Mounts the rootfs, prepares the container on the blocking pool, unmounts.
@@ -415,13 +440,19 @@ impl Guest for Host {
             Err(e) => Err(e),
         };
         let result = match result {
-            Ok(pid) => match self.hooks(hooks::Stage::CreateRuntime, &c.id).await {
-                Ok(()) => Ok(pid),
-                Err(e) => {
-                    let _ = self.forget(&c.id).await;
-                    Err(e)
+            Ok(pid) => {
+                let ready = match self.enter_netns(&c.id, &c.spec).await {
+                    Ok(()) => self.hooks(hooks::Stage::CreateRuntime, &c.id).await,
+                    Err(e) => Err(e),
+                };
+                match ready {
+                    Ok(()) => Ok(pid),
+                    Err(e) => {
+                        let _ = self.forget(&c.id).await;
+                        Err(e)
+                    }
                 }
-            },
+            }
             Err(e) => Err(e),
         };
         if result.is_err() {

@@ -17,6 +17,7 @@ mod guest;
 mod hooks;
 mod host;
 mod model;
+mod netns;
 mod rootfs;
 mod service;
 mod spec;

@@ -400,7 +400,8 @@ fn busybox_root(dir: &Path) -> PathBuf {
 }
 
 /// A spec from a file (`ctr run --config`): its hooks run on the host with the state on
-/// stdin, its seccomp profile applies in the guest; a process whose binary is missing
+/// stdin, whose pid is in the container's own network namespace; its seccomp profile
+/// applies in the guest; a process whose binary is missing
 /// fails with a clear error and nothing left.
 #[test]
 fn container_spec_hooks_and_missing_binary() {
@@ -427,8 +428,16 @@ fn container_spec_hooks_and_missing_binary() {
                 "args": ["sh", "-c", format!("cat > {}/{tag}-{stage}.json", dir.display())],
             }])
         };
+        // createRuntime also records the network namespace of the state's pid (what
+        // nerdctl's hook wires the container's network into).
+        let state_file = dir.join(format!("{tag}-createRuntime.json"));
+        let create = format!(
+            "cat > {f}; /bin/sed -E 's/.*\"pid\":([0-9]+).*/\\1/' {f} | {{ read p; /bin/readlink /proc/$p/ns/net > {d}/{tag}-netns; }}",
+            f = state_file.display(),
+            d = dir.display()
+        );
         s["hooks"] = serde_json::json!({
-            "createRuntime": hook("createRuntime"),
+            "createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", create]}],
             "poststart": hook("poststart"),
             "poststop": hook("poststop"),
         });
@@ -524,6 +533,12 @@ fn container_spec_hooks_and_missing_binary() {
     assert!(
         created["bundle"].as_str().unwrap_or("").ends_with(&id),
         "{created}"
+    );
+    let netns = std::fs::read_to_string(dir.join("ok-netns")).unwrap_or_default();
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert!(
+        netns.starts_with("net:[") && netns.trim() != ours.to_string_lossy(),
+        "the hooks' pid must be in the container's own network namespace: {netns:?} (ours {ours:?})"
     );
     assert_eq!(
         state("ok", "poststart").expect("poststart")["status"],
