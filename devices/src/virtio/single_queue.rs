@@ -18,7 +18,7 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{GuestMemoryMmap, RateLimitedLog, VirtioInterrupt};
+use super::{ActivateError, GuestMemoryMmap, RateLimitedLog, VirtioInterrupt};
 
 const PROCESS_ACTIVATE: u32 = 0;
 const PROCESS_QUEUE: u32 = 1;
@@ -35,6 +35,30 @@ pub trait SingleQueue {
     fn log(&mut self) -> &mut RateLimitedLog;
     /// Serves the queue (usually through [`serve`]).
     fn process_queue(&mut self);
+}
+
+/// The activation checks of a one-queue device (vCPU thread, from
+/// `VirtioDevice::activate`): not active yet, exactly one queue and it is ready; then
+/// `activate_evt` is written so the subscriber registers the queue on the VMM thread.
+pub fn activate(
+    already_active: bool,
+    queues: Vec<Queue>,
+    activate_evt: &EventFd,
+) -> Result<Queue, ActivateError> {
+    if already_active {
+        return Err(ActivateError::AlreadyActive);
+    }
+    let got = queues.len();
+    let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
+        return Err(ActivateError::QueueCount { expected: 1, got });
+    };
+    if !queue.ready() {
+        return Err(ActivateError::QueueNotReady(0));
+    }
+    activate_evt
+        .write(1)
+        .map_err(ActivateError::ActivateEvent)?;
+    Ok(queue)
 }
 
 /// Consumes an EventFd's counter; an empty counter (spurious wake-up) is fine.

@@ -9,6 +9,7 @@
 
 pub mod containerd;
 pub mod images;
+pub mod kestrel;
 
 use std::path::PathBuf;
 

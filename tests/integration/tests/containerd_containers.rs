@@ -17,100 +17,21 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-use sha2::Digest;
 
 use kestrel_integration_tests::containerd::{
     self, describe, run_with_timeout, ConsoleFifo, Containerd, KESTREL_RUNTIME, NAMESPACE,
 };
 use kestrel_integration_tests::images::{self, BUSYBOX_IMAGE};
-use kestrel_integration_tests::shim_binary;
+use kestrel_integration_tests::kestrel::{self, assert_gone, unique, Setup};
 
 /// Generous: one Linux boot is 20–60 s here, more on two busy cores.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// An exec or a signal in a running container.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// VMs are expensive here: one test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-struct Setup {
-    c: Containerd,
-    _serial: MutexGuard<'static, ()>,
-}
-
 fn setup() -> Option<Setup> {
-    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !containerd::installed() {
-        println!("skipped: containerd not installed");
-        return None;
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        println!("skipped: /dev/kvm not usable: {e}");
-        return None;
-    }
-    let shim = shim_binary().unwrap_or_else(|e| panic!("{e}"));
-    let c = Containerd::builder().shim(shim).start_or_skip()?;
-    c.import(images::busybox(), NAMESPACE);
-    Some(Setup { c, _serial: serial })
-}
-
-/// Container ids unique to this test process: /var/lib/kestrel is shared with other runs.
-fn unique(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
-
-fn kestrel_state_dir() -> PathBuf {
-    std::env::var_os("KESTREL_STATE_DIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("/var/lib/kestrel"), PathBuf::from)
-}
-
-/// Nothing of task `id` is left: no task, container, shim, bundle, writable layer, or VM
-/// sockets.
-fn assert_gone(c: &Containerd, id: &str) {
-    assert!(
-        c.task_status(id).is_none(),
-        "task {id} still listed: {:?}",
-        c.tasks()
-    );
-    assert!(
-        !c.containers().iter().any(|x| x == id),
-        "container {id} still listed: {:?}",
-        c.containers()
-    );
-    let shims: Vec<_> = c
-        .shim_processes()
-        .into_iter()
-        .filter(|p| p.args.iter().any(|a| a.to_string_lossy() == id))
-        .collect();
-    assert!(shims.is_empty(), "shim processes of {id} left: {shims:?}");
-    assert!(!c.bundle_dir(id).exists(), "bundle of {id} left");
-    let overlays = kestrel_state_dir().join("overlays").join(NAMESPACE);
-    let left: Vec<_> = std::fs::read_dir(&overlays)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(id))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(left.is_empty(), "writable layers of {id} left: {left:?}");
-    // The VM's sockets: /run/kestrel/s/<first 8 bytes of sha256("<namespace>/<id>")>.
-    let digest = sha2::Sha256::digest(format!("{NAMESPACE}/{id}").as_bytes());
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let run = Path::new("/run/kestrel/s").join(hex);
-    assert!(
-        !run.exists(),
-        "VM sockets of {id} left in {}",
-        run.display()
-    );
+    kestrel::setup(&[images::busybox()])
 }
 
 fn stdout(out: &Output) -> String {

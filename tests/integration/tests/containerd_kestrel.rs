@@ -21,113 +21,21 @@
 // Test code: a failed setup step should panic with its cause.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use kestrel_integration_tests::containerd::{
-    self, describe, ConsoleFifo, Containerd, KESTREL_RUNTIME, NAMESPACE,
-};
+use kestrel_integration_tests::containerd::{self, describe, ConsoleFifo, KESTREL_RUNTIME};
 use kestrel_integration_tests::images::{self, VMDISK_IMAGE};
-use kestrel_integration_tests::shim_binary;
+use kestrel_integration_tests::kestrel::{self, assert_gone, unique, Setup};
 
 /// Generous: one Linux boot is about a minute here, two at once on two busy cores more.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// From a shutdown request to the task's exit.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// VMs are expensive here: one test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Keep the whole value alive for the test (the guard serialises the tests; a pattern
-/// like `Setup { c, .. }` would drop it at once).
-struct Setup {
-    c: Containerd,
-    _serial: MutexGuard<'static, ()>,
-}
-
 fn setup() -> Option<Setup> {
-    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !containerd::installed() {
-        println!("skipped: containerd not installed");
-        return None;
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        println!("skipped: /dev/kvm not usable: {e}");
-        return None;
-    }
-    let shim = shim_binary().unwrap_or_else(|e| panic!("{e}"));
-    let c = Containerd::builder().shim(shim).start_or_skip()?;
-    c.import(&images::containerdisk().archive, NAMESPACE);
-    Some(Setup { c, _serial: serial })
+    kestrel::setup(&[&images::containerdisk().archive])
 }
 
-/// Container ids unique to this test process: /var/lib/kestrel is shared with other runs.
-fn unique(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
-
-/// kestrel's state directory (converted bases, overlays): `$KESTREL_STATE_DIR`, else
-/// `/var/lib/kestrel`.
-fn kestrel_state_dir() -> PathBuf {
-    std::env::var_os("KESTREL_STATE_DIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("/var/lib/kestrel"), PathBuf::from)
-}
-
-/// Files and directories under kestrel's state directory whose name mentions `id`.
-fn kestrel_leftovers(id: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, id: &str, depth: u32, found: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if e.file_name().to_string_lossy().contains(id) {
-                found.push(path.clone());
-            }
-            if depth < 6 && e.file_type().is_ok_and(|t| t.is_dir()) {
-                walk(&path, id, depth + 1, found);
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(&kestrel_state_dir(), id, 0, &mut found);
-    found
-}
-
-/// Nothing of task `id` is left: no task, no container, no shim, no bundle, no overlay.
-fn assert_gone(c: &Containerd, id: &str) {
-    assert!(
-        c.task_status(id).is_none(),
-        "task {id} still listed: {:?}",
-        c.tasks()
-    );
-    assert!(
-        !c.containers().iter().any(|x| x == id),
-        "container {id} still listed: {:?}",
-        c.containers()
-    );
-    let shims: Vec<_> = c
-        .shim_processes()
-        .into_iter()
-        .filter(|p| p.args.iter().any(|a| a.to_string_lossy() == id))
-        .collect();
-    assert!(shims.is_empty(), "shim processes of {id} left: {shims:?}");
-    assert!(
-        !c.bundle_dir(id).exists(),
-        "bundle {} left",
-        c.bundle_dir(id).display()
-    );
-    let left = kestrel_leftovers(id);
-    assert!(left.is_empty(), "kestrel state of {id} left: {left:?}");
-}
-
-/// `lines` appear as whole lines (the guest's tty ends them with CR LF).
 fn assert_console_has(console: &str, lines: &[&str]) {
     for line in lines {
         assert!(

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::{self, Read};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -200,19 +200,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let got = ctx.queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(ctx.queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
+        let queue = single_queue::activate(self.active.is_some(), ctx.queues, &self.activate_evt)?;
         self.active = Some(Active {
             mem: ctx.mem,
             queue,
