@@ -405,6 +405,12 @@ impl Host {
 }
 
 impl Host {
+    /// [`cleanup`] on the blocking pool (unlinking large sparse files can take a while).
+    async fn cleanup_blocking(&self, id: &str) {
+        let (dirs, ns, id) = (self.dirs.clone(), self.namespace.clone(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || cleanup(&dirs, &ns, &id)).await;
+    }
+
     /// Drops container `id` from the guest (the VM with its last container).
     async fn forget(&self, id: &str) -> Result<(), GuestError> {
         let entry = self.entries().remove(id);
@@ -457,7 +463,7 @@ impl Guest for Host {
         };
         if result.is_err() {
             // Nothing of a failed create may stay behind.
-            cleanup(&self.dirs, &self.namespace, &c.id);
+            self.cleanup_blocking(&c.id).await;
         }
         result
     }
@@ -507,8 +513,7 @@ impl Guest for Host {
         let since = Instant::now();
         self.hooks(hooks::Stage::Poststop, id).await?;
         let result = self.forget(id).await;
-        let (dirs, ns, task) = (self.dirs.clone(), self.namespace.clone(), id.to_string());
-        let _ = tokio::task::spawn_blocking(move || cleanup(&dirs, &ns, &task)).await;
+        self.cleanup_blocking(id).await;
         log_timing(id, "teardown", since);
         result
     }

@@ -51,14 +51,17 @@ const EXIT_PORT: u64 = 0x444;
 #[derive(Debug)]
 pub struct Error {
     what: String,
-    cause: io::Error,
+    cause: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl Error {
-    pub fn new(what: impl Into<String>, cause: io::Error) -> Self {
+    pub fn new(
+        what: impl Into<String>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         Self {
             what: what.into(),
-            cause,
+            cause: cause.into(),
         }
     }
 }
@@ -71,7 +74,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.cause)
+        Some(&*self.cause)
     }
 }
 

@@ -292,19 +292,14 @@ pub fn serve() -> Result<(), Error> {
     let service: Arc<dyn Task + Send + Sync> = Arc::new(Service { agent });
     let mut server = ttrpc::Server::new()
         .bind(&format!("vsock://-1:{AGENT_PORT}"))
-        .map_err(|e| {
-            Error::new(
-                format!("listen on vsock port {AGENT_PORT}"),
-                io::Error::other(e.to_string()),
-            )
-        })?
+        .map_err(|e| Error::new(format!("listen on vsock port {AGENT_PORT}"), e))?
         .register_service(create_task(service))
         .set_thread_count_min(2)
         .set_thread_count_default(4)
         .set_thread_count_max(64);
     server
         .start()
-        .map_err(|e| Error::new("start the ttrpc server", io::Error::other(e.to_string())))?;
+        .map_err(|e| Error::new("start the ttrpc server", e))?;
     println!("kestrel-agent: serving on vsock port {AGENT_PORT}");
     loop {
         std::thread::park();

@@ -322,8 +322,8 @@ fn busybox_root(dir: &Path) -> PathBuf {
 
 /// A spec from a file (`ctr run --config`): its hooks run on the host with the state on
 /// stdin, whose pid is in the container's own network namespace; its seccomp profile
-/// applies in the guest; a process whose binary is missing
-/// fails with a clear error and nothing left.
+/// applies in the guest; a process whose binary is missing, and a bad annotation, fail
+/// with clear errors and leave nothing behind.
 #[test]
 fn container_spec_hooks_and_missing_binary() {
     let Some(setup) = setup() else {
@@ -408,6 +408,39 @@ fn container_spec_hooks_and_missing_binary() {
         "poststop did not run"
     );
     // ctr --rm leaves the container to us after a failed start.
+    let _ = c.ctr(&["container", "rm", &id]);
+    assert_gone(c, &id);
+
+    // A bad annotation is refused before anything boots, naming the annotation.
+    let id = unique("cb");
+    let mut bad: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(spec_with(&empty, &["/bin/true"], "bad")).unwrap())
+            .unwrap();
+    bad["annotations"] = serde_json::json!({"io.kestrel.vm.cpus": "many"});
+    let bad_spec = dir.join("bad-annotation.json");
+    std::fs::write(&bad_spec, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let out = c.ctr_with_timeout(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            KESTREL_RUNTIME,
+            "--config",
+            bad_spec.to_str().unwrap(),
+            &id,
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains(r#"io.kestrel.vm.cpus="many""#),
+        "the error must name the annotation: {}",
+        describe(&out)
+    );
+    assert!(
+        state("bad", "createRuntime").is_none(),
+        "hooks ran for a refused spec"
+    );
     let _ = c.ctr(&["container", "rm", &id]);
     assert_gone(c, &id);
 
