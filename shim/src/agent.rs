@@ -396,9 +396,9 @@ impl AgentVm {
             spec.set_hostname(Some(crate::spec::host_name(&c.id)));
         }
         let config = ContainerConfig { spec, copied };
-        let options = config
-            .to_any()
-            .map_err(|e| GuestError::Invalid(e.to_string()))?;
+        let options = config.to_any().map_err(|e| {
+            GuestError::host("encode the container configuration", Code::INTERNAL, e)
+        })?;
         let req = CreateTaskRequest {
             id: c.id.clone(),
             rootfs: vec![kestrel_agent_protocol::rootfs_mount(serial, "ext4", false)],

@@ -332,7 +332,9 @@ impl Host {
         root: PreparedRootfs,
         copied: Vec<CopiedMount>,
     ) -> Result<(Arc<AgentVm>, u32), GuestError> {
-        let vm = spec::container_vm(&c.spec).map_err(|e| GuestError::Invalid(e.to_string()))?;
+        let vm = spec::container_vm(&c.spec).map_err(|e| {
+            GuestError::host("size the VM from the spec", Code::INVALID_ARGUMENT, e)
+        })?;
         log::info!(
             "task {}: container, {} vCPU(s), {} MiB, rootfs {} ({})",
             c.id,

@@ -186,7 +186,8 @@ pub fn prepare_task(
     c: &NewContainer,
     disk: &Path,
 ) -> Result<VmImageTask, GuestError> {
-    let vm = spec::vm_spec(&c.spec, &c.id).map_err(|e| GuestError::Invalid(e.to_string()))?;
+    let vm = spec::vm_spec(&c.spec, &c.id)
+        .map_err(|e| GuestError::host("size the VM from the spec", Code::INVALID_ARGUMENT, e))?;
     let prepared = prepare(dirs, disk, ns, &c.id).map_err(|e| {
         let code = if e.is_user_error() {
             Code::FAILED_PRECONDITION
