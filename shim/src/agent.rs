@@ -493,12 +493,16 @@ impl AgentVm {
             exec_id: exec.to_string(),
             ..Default::default()
         };
+        let since = Instant::now();
         let status = self
             .client
             .wait(ctx(), &req)
             .await
             .map_err(agent_err)?
             .exit_status;
+        // From the model's Wait (right after Start) to the agent's answer: the process's
+        // run and its exit, in the guest.
+        log_timing(id, if exec.is_empty() { "run" } else { "exec_run" }, since);
         let outputs = self
             .io()
             .get_mut(&(id.to_string(), exec.to_string()))

@@ -385,12 +385,12 @@ impl Host {
         root: PreparedRootfs,
         copied: Vec<CopiedMount>,
     ) -> Result<u32, GuestError> {
-        let busy = self.booting.swap(true, Ordering::SeqCst)
-            || self
-                .entries()
-                .values()
-                .any(|e| matches!(e.kind, Kind::Container(_)));
-        if busy {
+        // Claims the boot only when no container VM exists and none is booting.
+        let has_vm = self
+            .entries()
+            .values()
+            .any(|e| matches!(e.kind, Kind::Container(_)));
+        if has_vm || self.booting.swap(true, Ordering::SeqCst) {
             return Err(GuestError::Unsupported(
                 "a second container in one shim",
                 "this kestrel version (each container gets its own shim and VM; pods come later)",

@@ -19,7 +19,8 @@
 //! 3. Splits each kestrel run with the shim's `timing: task=<id> <phase>_ms=<ms>` log lines
 //!    (prepare: rootfs image from the cache or built; vm_build; agent_ready: from the VM's
 //!    start to its agent's answer, i.e. the guest kernel's boot; create and start: the
-//!    agent's calls; teardown: Delete, the VM's stop and cleanup); "other" is the rest of
+//!    agent's calls; run: from Start to the agent's answer to Wait, i.e. the process's
+//!    run and exit in the guest; teardown: Delete, the VM's stop and cleanup); "other" is the rest of
 //!    ctr's time (shim start, containerd, ctr). Prints medians, ratios and PASS/MISS for the
 //!    targets: everything but the guest boot ≤ 1.0× runc's whole run, a warm rootfs
 //!    ≤ 5 ms, shim memory beyond guest RAM ≤ 10 MiB.
@@ -52,12 +53,13 @@ const USAGE: &str = "usage: ctr-container [--runs N] [--execs M] [--shim PATH]
 const CTR_TIMEOUT: Duration = Duration::from_secs(600);
 /// The VM size of a container without a memory limit (the shim's default).
 const CONTAINER_VM_MIB: u64 = 128;
-const PHASES: [&str; 6] = [
+const PHASES: [&str; 7] = [
     "prepare",
     "vm_build",
     "agent_ready",
     "create",
     "start",
+    "run",
     "teardown",
 ];
 
@@ -471,10 +473,10 @@ time="2026-12-06T21:00:01Z" level=info msg="timing: task=k10 start_ms=9""#;
         assert_eq!(timing(log, "k10", "start"), Some(9.0));
         let r = KestrelRun {
             total: 100.0,
-            phases: vec![Some(10.0); 6],
+            phases: vec![Some(10.0); 7],
             cached: true,
         };
-        assert_eq!(r.other(), Some(40.0));
+        assert_eq!(r.other(), Some(30.0));
         assert_eq!(r.phase("teardown"), Some(10.0));
     }
 }
