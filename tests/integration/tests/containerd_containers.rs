@@ -321,9 +321,9 @@ fn busybox_root(dir: &Path) -> PathBuf {
 }
 
 /// A spec from a file (`ctr run --config`): its hooks run on the host with the state on
-/// stdin, whose pid is in the container's own network namespace; its seccomp profile
-/// applies in the guest; a process whose binary is missing, and a bad annotation, fail
-/// with clear errors and leave nothing behind.
+/// stdin, whose pid is in the container's own network namespace; its seccomp profile and
+/// read-only root apply in the guest; a process whose binary is missing, and a bad
+/// annotation, fail with clear errors and leave nothing behind.
 #[test]
 fn container_spec_hooks_and_missing_binary() {
     let Some(setup) = setup() else {
@@ -340,7 +340,8 @@ fn container_spec_hooks_and_missing_binary() {
             "defaultAction": "SCMP_ACT_ALLOW",
             "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}],
         });
-        s["root"] = serde_json::json!({"path": root, "readonly": false});
+        // The busybox root is read-only; the empty one is not (nothing writes there).
+        s["root"] = serde_json::json!({"path": root, "readonly": tag == "ok"});
         s["process"]["args"] = serde_json::json!(args);
         s["process"]["terminal"] = serde_json::json!(false);
         let hook = |stage: &str| {
@@ -452,7 +453,7 @@ fn container_spec_hooks_and_missing_binary() {
         &[
             "sh",
             "-c",
-            "mkdir /made 2>/dev/null || echo mkdir-denied; echo from-spec",
+            "mkdir /made 2>/dev/null || echo mkdir-denied; echo x > /file 2>/dev/null || echo read-only; echo x > /dev/shm/f && echo shm-writable; echo from-spec",
         ],
         "ok",
     );
@@ -477,7 +478,7 @@ fn container_spec_hooks_and_missing_binary() {
     );
     assert_eq!(
         stdout(&out).lines().collect::<Vec<_>>(),
-        ["mkdir-denied", "from-spec"],
+        ["mkdir-denied", "read-only", "shm-writable", "from-spec"],
         "the spec's seccomp profile applies: {}",
         describe(&out)
     );
