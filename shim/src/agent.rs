@@ -257,10 +257,18 @@ impl AgentVm {
             exit_tx.send_replace(Some(e.clone()));
         }));
         let since = Instant::now();
-        let handle = tokio::task::spawn_blocking(move || vmm::start_vm(config))
+        let built = tokio::task::spawn_blocking(move || vmm::start_vm(config))
             .await
-            .map_err(|e| err(AgentVmError::Join(e)))?
-            .map_err(|e| err(AgentVmError::Build(e)))?;
+            .map_err(AgentVmError::Join)
+            .and_then(|r| r.map_err(AgentVmError::Build));
+        let handle = match built {
+            Ok(h) => h,
+            Err(e) => {
+                events.abort();
+                let _ = tokio::fs::remove_dir_all(&spec.dir).await;
+                return Err(err(e));
+            }
+        };
         log_timing(&spec.task, "vm_build", since);
         let control = handle.control();
         tokio::task::spawn_blocking(move || drop(handle.wait()));

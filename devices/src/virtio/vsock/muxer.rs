@@ -25,6 +25,22 @@ use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events};
 
+/// Closing a Unix socket with unread bytes makes the peer's next read fail with
+/// ECONNRESET instead of EOF, even after it read everything the guest sent. So before a
+/// host socket is closed, its read side is shut (the host's further writes fail with
+/// EPIPE) and what the host had written and nobody will read is discarded: the host then
+/// sees the guest's data, then EOF. Non-blocking and bounded by the socket's buffer.
+fn discard_unread(stream: &UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Read);
+    let mut buf = [0u8; 16 * 1024];
+    for _ in 0..256 {
+        match (&*stream).read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 use super::csm::{ConnConfig, ConnError, Connection, IoEvent, State};
 use super::metrics::{Counter, VsockMetrics};
 use super::packet::{Header, Op};
@@ -595,6 +611,7 @@ impl Muxer {
                         .warn(format_args!("vsock: cannot stop polling socket {fd}: {e}"));
                 }
             }
+            discard_unread(&stream);
             drop(stream);
         }
         let mut dirty = std::mem::take(&mut self.dirty);
