@@ -668,12 +668,18 @@ async fn read_events(listener: UnixListener, on_event: Box<dyn Fn(GuestEvent) + 
     }
 }
 
-/// Copies the agent's stream of one output into containerd's FIFO, then closes it.
-async fn relay_out(listener: UnixListener, path: PathBuf, fifo: String) {
+/// The agent's one connection to a stdio listener; the listener and its socket file go
+/// right after (each stream is connected once).
+async fn accept_once(listener: UnixListener, path: &Path) -> Option<UnixStream> {
     let accepted = listener.accept().await;
     drop(listener);
-    let _ = tokio::fs::remove_file(&path).await;
-    let Ok((mut stream, _)) = accepted else {
+    let _ = tokio::fs::remove_file(path).await;
+    accepted.ok().map(|(stream, _)| stream)
+}
+
+/// Copies the agent's stream of one output into containerd's FIFO, then closes it.
+async fn relay_out(listener: UnixListener, path: PathBuf, fifo: String) {
+    let Some(mut stream) = accept_once(listener, &path).await else {
         return;
     };
     // Read-write, so opening never fails or blocks for want of a reader.
@@ -693,10 +699,7 @@ async fn relay_out(listener: UnixListener, path: PathBuf, fifo: String) {
 /// Copies containerd's stdin FIFO into the agent's stream until CloseIO, then shuts the
 /// stream's write side down (the process sees EOF).
 async fn relay_in(listener: UnixListener, path: PathBuf, fifo: String, close: Arc<Notify>) {
-    let accepted = listener.accept().await;
-    drop(listener);
-    let _ = tokio::fs::remove_file(&path).await;
-    let Ok((mut stream, _)) = accepted else {
+    let Some(mut stream) = accept_once(listener, &path).await else {
         return;
     };
     // Read-only: EOF once containerd's writer has come and gone (a FIFO that never had a
