@@ -18,6 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,16 +32,20 @@ use containerd_shim::protos::api::ProcessInfo;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::shim_async::TaskClient;
 use containerd_shim::protos::ttrpc::{self, Code};
-use devices::disk::DiskBackend;
+use devices::disk::{DiskBackend, EmptyDisk};
+use devices::virtio::net::MacAddr;
 use kestrel_agent_protocol::{
-    ContainerConfig, CopiedMount, GuestEvent, StdioPort, AGENT_PORT, EVENTS_PORT, SERVE_PARAM,
+    pod::PodConfig, ContainerConfig, CopiedMount, GuestEvent, StdioPort, AGENT_PORT, EVENTS_PORT,
+    SERVE_PARAM,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
-use vmm::{ControlSender, DiskConfig, VmAction, VmConfig, VmExit, VsockConfig};
+use vmm::{
+    ControlSender, DiskConfig, NetConfig, TapSource, VmAction, VmConfig, VmExit, VsockConfig,
+};
 
 use crate::guest::{GuestError, NewContainer, NewExec, Stdio};
 use crate::host::log_timing;
@@ -112,9 +117,14 @@ pub struct BootSpec {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub extra_cmdline: Option<String>,
-    /// The first container's root disk, seen by the guest under `serial`.
-    pub rootfs: Box<dyn DiskBackend>,
-    pub serial: String,
+    /// The container disk slots, in order: a lone container's root disk (with the id of
+    /// its container), or a pod's empty placeholders that containers take later
+    /// ([`AgentVm::attach_disk`]).
+    pub slots: Vec<(Option<String>, DiskConfig)>,
+    /// The pod network's tap and the MAC the guest NIC takes (the pod veth's).
+    pub net: Option<(OwnedFd, MacAddr)>,
+    /// What the agent sets up before it serves (hostname, pod network).
+    pub pod: Option<PodConfig>,
     /// Where the vsock sockets live (removed with the VM).
     pub dir: PathBuf,
     pub agent_timeout: Duration,
@@ -148,6 +158,9 @@ pub struct AgentVm {
     exit: watch::Receiver<Option<VmExit>>,
     console: ConsoleTail,
     events: tokio::task::AbortHandle,
+    /// Which container holds each disk slot.
+    slots: Mutex<Vec<Option<String>>>,
+    next_serial: AtomicU32,
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -241,12 +254,25 @@ impl AgentVm {
         {
             vmm::config::append_cmdline(&mut config.cmdline, extra);
         }
+        if let Some(pod) = &spec.pod {
+            let param = pod
+                .to_param()
+                .map_err(|e| GuestError::host("encode the pod configuration", Code::INTERNAL, e))?;
+            vmm::config::append_cmdline(&mut config.cmdline, &param);
+        }
         config.vcpus = spec.vcpus;
         config.memory_mib = spec.memory_mib;
-        config.disks.push(DiskConfig {
-            backend: spec.rootfs,
-            serial: Some(spec.serial),
-        });
+        let mut owners = Vec::with_capacity(spec.slots.len());
+        for (owner, disk) in spec.slots {
+            owners.push(owner);
+            config.disks.push(disk);
+        }
+        if let Some((tap, mac)) = spec.net {
+            config.nets.push(NetConfig {
+                tap: TapSource::Fd(tap),
+                mac: Some(mac),
+            });
+        }
         config.vsock = Some(VsockConfig {
             cid: GUEST_CID,
             socket: vsock.clone(),
@@ -298,7 +324,92 @@ impl AgentVm {
             exit,
             console,
             events,
+            slots: Mutex::new(owners),
+            next_serial: AtomicU32::new(1),
         }))
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Vec<Option<String>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts container `id`'s root disk into a free slot of the running VM; returns the
+    /// serial the guest sees it under.
+    pub async fn attach_disk(
+        &self,
+        id: &str,
+        disk: Box<dyn DiskBackend>,
+    ) -> Result<String, GuestError> {
+        let index = {
+            let mut slots = self.slots();
+            let count = slots.len();
+            let free = slots.iter().position(Option::is_none).ok_or_else(|| {
+                GuestError::host(
+                    "add the container to the pod's VM",
+                    Code::RESOURCE_EXHAUSTED,
+                    io::Error::other(format!(
+                        "all {count} container slots are taken (the pod annotation {} sets how many)",
+                        crate::spec::ANN_SLOTS
+                    )),
+                )
+            })?;
+            if let Some(slot) = slots.get_mut(free) {
+                *slot = Some(id.to_string());
+            }
+            free
+        };
+        let n = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let serial = format!("{}{n}", crate::rootfs::SERIAL_PREFIX);
+        let action = VmAction::ReplaceDisk {
+            index,
+            disk: DiskConfig {
+                backend: disk,
+                serial: Some(serial.clone()),
+            },
+        };
+        match crate::vm_image::send(&self.control, action).await {
+            Ok(()) => Ok(serial),
+            Err(e) => {
+                if let Some(slot) = self.slots().get_mut(index) {
+                    *slot = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Empties the slot of container `id` (after the agent unmounted its disk).
+    pub async fn detach_disk(&self, id: &str) {
+        let index = self.slots().iter().position(|s| s.as_deref() == Some(id));
+        let Some(index) = index else { return };
+        let action = VmAction::ReplaceDisk {
+            index,
+            disk: DiskConfig {
+                backend: Box::new(EmptyDisk),
+                serial: None,
+            },
+        };
+        if let Err(e) = crate::vm_image::send(&self.control, action).await {
+            log::debug!("slot {index} of {id} not emptied: {e}");
+        }
+        if let Some(slot) = self.slots().get_mut(index) {
+            *slot = None;
+        }
+    }
+
+    /// Whether the VM has stopped.
+    pub fn ended(&self) -> Option<VmExit> {
+        self.exit.borrow().clone()
+    }
+
+    /// Resolves when the VM has stopped.
+    pub async fn wait_ended(&self) -> VmExit {
+        let mut exit = self.exit.clone();
+        let ended = match exit.wait_for(Option::is_some).await {
+            Ok(e) => e.clone(),
+            Err(_) => None,
+        };
+        ended.unwrap_or(VmExit::Stopped)
     }
 
     async fn connect_agent(
@@ -391,15 +502,17 @@ impl AgentVm {
         }
     }
 
+    /// Creates container `c` on the disk the guest sees as `serial` (of `size` bytes).
     pub async fn create(
         &self,
         c: &NewContainer,
         serial: &str,
+        size: u64,
         copied: Vec<CopiedMount>,
     ) -> Result<u32, GuestError> {
         let (ports, io) = self.open_stdio(&c.stdio)?;
         let mut spec = c.spec.clone();
-        if spec.hostname().as_deref().is_none_or(str::is_empty) {
+        if spec.hostname().as_deref().is_none_or(str::is_empty) && new_uts(&spec) {
             // The container's UTS namespace would otherwise inherit the VM's "(none)".
             spec.set_hostname(Some(crate::spec::host_name(&c.id)));
         }
@@ -409,7 +522,9 @@ impl AgentVm {
         })?;
         let req = CreateTaskRequest {
             id: c.id.clone(),
-            rootfs: vec![kestrel_agent_protocol::rootfs_mount(serial, "ext4", false)],
+            rootfs: vec![kestrel_agent_protocol::rootfs_mount(
+                serial, "ext4", false, size,
+            )],
             terminal: ports.terminal,
             stdin: ports.stdin,
             stdout: ports.stdout,
@@ -640,6 +755,17 @@ impl AgentVm {
             log::warn!("cannot remove {}: {e}", self.dir.display());
         }
     }
+}
+
+/// Whether the spec gives the container a UTS namespace of its own (a pod's containers
+/// name the sandbox's, which in the guest is the VM's).
+fn new_uts(spec: &oci_spec::runtime::Spec) -> bool {
+    use oci_spec::runtime::LinuxNamespaceType;
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Uts))
+        .is_some_and(|n| n.path().is_none())
 }
 
 async fn stop(control: &ControlSender) {

@@ -20,24 +20,69 @@ use containerd_shim::protos::api::ProcessInfo;
 use containerd_shim::protos::events::task::TaskOOM;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::ttrpc::Code;
+use devices::disk::EmptyDisk;
+use devices::virtio::net::MacAddr;
+use kestrel_agent_protocol::netlink;
+use kestrel_agent_protocol::pod::PodConfig;
 use kestrel_agent_protocol::{CopiedEntry, CopiedMount, EntryKind, GuestEvent, MAX_COPIED_BYTES};
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use vmm::{DiskConfig, VmExit};
 
 use crate::agent::{AgentVm, BootSpec};
 use crate::events::{Event, EventTx};
 use crate::guest::{Guest, GuestError, NewContainer, NewExec};
 use crate::hooks;
 use crate::netns::{self, NetnsThread};
+use crate::podnet;
 use crate::rootfs::{self, PreparedRootfs};
 use crate::spec;
 use crate::vm_image::{self, ImageError, StateDirs, VmImageTask};
+
+/// Starts a thread in the network namespace at `path` (a new one for `None`).
+async fn start_netns(path: Option<PathBuf>) -> Result<NetnsThread, GuestError> {
+    tokio::task::spawn_blocking(move || NetnsThread::start(path.as_deref()))
+        .await
+        .map_err(|e| host_err("start the network namespace thread", Code::INTERNAL)(Box::new(e)))?
+        .map_err(|e| GuestError::host("set up the network namespace", Code::INTERNAL, e))
+}
 
 /// Where the shim keeps its VM's sockets.
 pub const RUN_DIR: &str = "/run/kestrel/s";
 
 enum Kind {
     VmImage(Arc<VmImageTask>),
-    Container(Arc<AgentVm>),
+    /// A container the guest agent runs. `owns_vm`: a lone container, whose VM ends with
+    /// it; a pod's containers leave the VM to the sandbox.
+    Container {
+        vm: Arc<AgentVm>,
+        owns_vm: bool,
+    },
+    /// A pod's sandbox task: the VM itself (no pause process runs in it).
+    Sandbox(Arc<Sandbox>),
+}
+
+/// The pod VM as a task: "running" until it is killed or the VM stops.
+struct Sandbox {
+    vm: Arc<AgentVm>,
+    /// The exit status once killed (128 + signal).
+    killed: watch::Sender<Option<u32>>,
+}
+
+impl Sandbox {
+    async fn wait(&self) -> u32 {
+        let mut killed = self.killed.subscribe();
+        tokio::select! {
+            status = killed.wait_for(Option::is_some) => {
+                status.ok().and_then(|s| *s).unwrap_or(128 + libc::SIGKILL as u32)
+            }
+            exit = self.vm.wait_ended() => match exit {
+                VmExit::Exited(status) => u32::from(status),
+                VmExit::Stopped | VmExit::Reset => 128 + libc::SIGKILL as u32,
+                _ => 255,
+            },
+        }
+    }
 }
 
 struct Entry {
@@ -203,9 +248,20 @@ impl Host {
 
     fn agent(&self, id: &str) -> Result<Arc<AgentVm>, GuestError> {
         match self.entries().get(id).map(|e| &e.kind) {
-            Some(Kind::Container(vm)) => Ok(vm.clone()),
+            Some(Kind::Container { vm, .. }) => Ok(vm.clone()),
             Some(Kind::VmImage(_)) => Err(GuestError::Unsupported("this call", "VM-image tasks")),
+            Some(Kind::Sandbox(_)) => Err(GuestError::Unsupported(
+                "this call",
+                "a pod's sandbox task (the VM; its containers have processes)",
+            )),
             None => Err(GuestError::Invalid(format!("task {id} is not prepared"))),
+        }
+    }
+
+    fn sandbox(&self, id: &str) -> Option<Arc<Sandbox>> {
+        match self.entries().get(id).map(|e| &e.kind) {
+            Some(Kind::Sandbox(s)) => Some(s.clone()),
+            _ => None,
         }
     }
 
@@ -231,7 +287,7 @@ impl Host {
         }
     }
 
-    fn insert(&self, c: &NewContainer, kind: Kind, pid: u32) {
+    fn insert(&self, c: &NewContainer, kind: Kind, pid: u32, netns: Option<NetnsThread>) {
         self.entries().insert(
             c.id.clone(),
             Entry {
@@ -239,12 +295,13 @@ impl Host {
                 spec: Arc::new(c.spec.clone()),
                 bundle: c.bundle.clone(),
                 pid,
-                netns: None,
+                netns,
             },
         );
     }
 
-    /// Gives container `id` the network namespace its spec asks for (see [`crate::netns`]).
+    /// Gives lone container `id` the network namespace its spec asks for (see
+    /// [`crate::netns`]).
     async fn enter_netns(
         &self,
         id: &str,
@@ -253,12 +310,7 @@ impl Host {
         let Some(path) = netns::requested(spec) else {
             return Ok(());
         };
-        let thread = tokio::task::spawn_blocking(move || NetnsThread::start(path.as_deref()))
-            .await
-            .map_err(|e| {
-                host_err("start the network namespace thread", Code::INTERNAL)(Box::new(e))
-            })?
-            .map_err(|e| GuestError::host("set up the network namespace", Code::INTERNAL, e))?;
+        let thread = start_netns(path).await?;
         if let Some(e) = self.entries().get_mut(id) {
             e.netns = Some(thread);
         }
@@ -344,36 +396,185 @@ impl Host {
             if root.cache_hit { "cached" } else { "built" }
         );
         let serial = format!("{}0", rootfs::SERIAL_PREFIX);
+        let size = root.disk.size();
         let agent = AgentVm::boot(BootSpec {
             task: c.id.clone(),
             vcpus: vm.cpus,
             memory_mib: vm.memory_mib,
             extra_cmdline: vm.extra_cmdline,
-            rootfs: root.disk,
-            serial: serial.clone(),
+            slots: vec![(
+                Some(c.id.clone()),
+                DiskConfig {
+                    backend: root.disk,
+                    serial: Some(serial.clone()),
+                },
+            )],
+            net: None,
+            pod: None,
             dir: self.run_dir.clone(),
             agent_timeout: Duration::from_secs(vm.agent_timeout_secs),
-            on_event: {
-                let events = self.events.clone();
-                Box::new(move |e| match e {
-                    GuestEvent::Oom { container_id } => {
-                        log::info!("task {container_id}: the guest's OOM killer killed a process");
-                        let _ = events.send(Event::Oom(TaskOOM {
-                            container_id,
-                            ..Default::default()
-                        }));
-                    }
-                })
-            },
+            on_event: self.on_event(),
         })
         .await?;
         let since = Instant::now();
-        let created = agent.create(c, &serial, copied).await;
+        let created = agent.create(c, &serial, size, copied).await;
         log_timing(&c.id, "create", since);
         match created {
             Ok(pid) => Ok((agent, pid)),
             Err(e) => {
                 agent.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes what the agent reports (OOM kills) as containerd events.
+    fn on_event(&self) -> Box<dyn Fn(GuestEvent) + Send + Sync> {
+        let events = self.events.clone();
+        Box::new(move |e| match e {
+            GuestEvent::Oom { container_id } => {
+                log::info!("task {container_id}: the guest's OOM killer killed a process");
+                let _ = events.send(Event::Oom(TaskOOM {
+                    container_id,
+                    ..Default::default()
+                }));
+            }
+        })
+    }
+
+    /// The pod's VM, as its sandbox task: a thread in the pod netns (its tid is the task's
+    /// pid), the tap wired to the pod's veth, empty container slots, the pod's hostname
+    /// and network for the agent.
+    async fn create_sandbox(&self, c: &NewContainer) -> Result<u32, GuestError> {
+        let invalid = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| GuestError::Host {
+            what: what.to_string(),
+            code: Code::INVALID_ARGUMENT,
+            source: e,
+        };
+        let (vm, slots) = spec::pod_vm(&c.spec)
+            .map_err(|e| invalid("size the pod's VM from the sandbox spec", Box::new(e)))?;
+        let Some(path) = netns::requested(&c.spec) else {
+            return Err(invalid(
+                "run the pod",
+                "kestrel pods need their own network namespace: host-network pods are not supported".into(),
+            ));
+        };
+        if self
+            .entries()
+            .values()
+            .any(|e| !matches!(e.kind, Kind::VmImage(_)))
+            || self.booting.swap(true, Ordering::SeqCst)
+        {
+            return Err(GuestError::Host {
+                what: "run the pod".into(),
+                code: Code::ALREADY_EXISTS,
+                source: "this shim already runs a VM".into(),
+            });
+        }
+        let result = self.boot_sandbox(c, vm, slots, path).await;
+        self.booting.store(false, Ordering::SeqCst);
+        result
+    }
+
+    async fn boot_sandbox(
+        &self,
+        c: &NewContainer,
+        vm: spec::ContainerVm,
+        slots: usize,
+        path: Option<PathBuf>,
+    ) -> Result<u32, GuestError> {
+        let netns = start_netns(path).await?;
+        let netns = Arc::new(netns);
+        let attached = {
+            let netns = netns.clone();
+            tokio::task::spawn_blocking(move || podnet::attach(&netns))
+                .await
+                .map_err(|e| host_err("wire the pod network", Code::INTERNAL)(Box::new(e)))?
+                .map_err(|e| GuestError::host("wire the pod network", Code::INTERNAL, e))?
+        };
+        let netns = Arc::into_inner(netns).ok_or_else(|| {
+            GuestError::Invalid("the pod network namespace thread is still in use".into())
+        })?;
+        let mut pod = PodConfig {
+            hostname: c.spec.hostname().clone().unwrap_or_default(),
+            network: None,
+        };
+        let mut net = None;
+        let mut tap_name = None;
+        if let Some(a) = attached {
+            tap_name = Some(a.tap_name.clone());
+            let mac = netlink::parse_mac(&a.network.mac)
+                .map_err(|e| GuestError::host("wire the pod network", Code::INTERNAL, e))?;
+            net = Some((a.tap, MacAddr(mac)));
+            pod.network = Some(a.network);
+        }
+        log::info!(
+            "task {}: pod VM, {} vCPU(s), {} MiB, {slots} container slot(s), {}",
+            c.id,
+            vm.cpus,
+            vm.memory_mib,
+            tap_name.map_or("no network".to_string(), |t| format!("pod network on {t}"))
+        );
+        let agent = AgentVm::boot(BootSpec {
+            task: c.id.clone(),
+            vcpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            extra_cmdline: vm.extra_cmdline,
+            slots: (0..slots)
+                .map(|_| {
+                    let empty = DiskConfig {
+                        backend: Box::new(EmptyDisk),
+                        serial: None,
+                    };
+                    (None, empty)
+                })
+                .collect(),
+            net,
+            pod: Some(pod),
+            dir: self.run_dir.clone(),
+            agent_timeout: Duration::from_secs(vm.agent_timeout_secs),
+            on_event: self.on_event(),
+        })
+        .await?;
+        let pid = netns.tid();
+        let sandbox = Sandbox {
+            vm: agent,
+            killed: watch::channel(None).0,
+        };
+        self.insert(c, Kind::Sandbox(Arc::new(sandbox)), pid, Some(netns));
+        Ok(pid)
+    }
+
+    /// An app container of the pod: its root disk goes into a free slot of the running VM.
+    async fn create_in_pod(&self, c: &NewContainer, sandbox_id: &str) -> Result<u32, GuestError> {
+        let Some(sandbox) = self.sandbox(sandbox_id) else {
+            return Err(GuestError::Host {
+                what: format!("add container {} to pod {sandbox_id}", c.id),
+                code: Code::FAILED_PRECONDITION,
+                source: "the pod's sandbox task is not in this shim".into(),
+            });
+        };
+        let (root, copied) = match self.prepare(c).await? {
+            Prepared::Container(root, copied) => (root, copied),
+            Prepared::VmImage(_) => {
+                return Err(GuestError::Unsupported(
+                    "a VM image as a container of a pod",
+                    "this kestrel version",
+                ))
+            }
+        };
+        let vm = sandbox.vm.clone();
+        let size = root.disk.size();
+        let serial = vm.attach_disk(&c.id, root.disk).await?;
+        let since = Instant::now();
+        match vm.create(c, &serial, size, copied).await {
+            Ok(pid) => {
+                log_timing(&c.id, "create", since);
+                self.insert(c, Kind::Container { vm, owns_vm: false }, pid, None);
+                Ok(pid)
+            }
+            Err(e) => {
+                vm.detach_disk(&c.id).await;
                 Err(e)
             }
         }
@@ -389,7 +590,7 @@ impl Host {
         let has_vm = self
             .entries()
             .values()
-            .any(|e| matches!(e.kind, Kind::Container(_)));
+            .any(|e| !matches!(e.kind, Kind::VmImage(_)));
         if has_vm || self.booting.swap(true, Ordering::SeqCst) {
             return Err(GuestError::Unsupported(
                 "a second container in one shim",
@@ -398,7 +599,7 @@ impl Host {
         }
         let result = self.boot_and_create(c, root, copied).await;
         let result = result.map(|(vm, pid)| {
-            self.insert(c, Kind::Container(vm), pid);
+            self.insert(c, Kind::Container { vm, owns_vm: true }, pid, None);
             pid
         });
         self.booting.store(false, Ordering::SeqCst);
@@ -417,16 +618,22 @@ impl Host {
     async fn forget(&self, id: &str) -> Result<(), GuestError> {
         let entry = self.entries().remove(id);
         match entry.map(|e| e.kind) {
-            Some(Kind::Container(vm)) => {
+            Some(Kind::Container { vm, owns_vm }) => {
+                if vm.ended().is_some() {
+                    // The pod's VM went first: nothing is left in the guest.
+                    return Ok(());
+                }
                 let deleted = vm.delete(id, "").await;
-                let last = !self
-                    .entries()
-                    .values()
-                    .any(|e| matches!(&e.kind, Kind::Container(v) if Arc::ptr_eq(v, &vm)));
-                if last {
+                if owns_vm {
                     vm.shutdown().await;
+                } else {
+                    vm.detach_disk(id).await;
                 }
                 deleted
+            }
+            Some(Kind::Sandbox(sandbox)) => {
+                sandbox.vm.shutdown().await;
+                Ok(())
             }
             Some(Kind::VmImage(task)) => task.kill(id, libc::SIGKILL as u32).await.or(Ok(())),
             None => Ok(()),
@@ -437,19 +644,32 @@ impl Host {
 #[async_trait]
 impl Guest for Host {
     async fn create(&self, c: &NewContainer) -> Result<u32, GuestError> {
-        let result = match self.prepare(c).await {
-            Ok(Prepared::VmImage(task)) => {
-                // The VM runs in this process: its pid is the task's.
-                let pid = std::process::id();
-                self.insert(c, Kind::VmImage(Arc::new(task)), pid);
-                Ok(pid)
-            }
-            Ok(Prepared::Container(root, copied)) => self.create_container(c, root, copied).await,
-            Err(e) => Err(e),
+        let role = spec::role(&c.spec);
+        let result = match &role {
+            spec::Role::Sandbox => self.create_sandbox(c).await,
+            spec::Role::PodContainer { sandbox } => self.create_in_pod(c, sandbox).await,
+            spec::Role::Lone => match self.prepare(c).await {
+                Ok(Prepared::VmImage(task)) => {
+                    // The VM runs in this process: its pid is the task's.
+                    let pid = std::process::id();
+                    self.insert(c, Kind::VmImage(Arc::new(task)), pid, None);
+                    Ok(pid)
+                }
+                Ok(Prepared::Container(root, copied)) => {
+                    self.create_container(c, root, copied).await
+                }
+                Err(e) => Err(e),
+            },
         };
         let result = match result {
             Ok(pid) => {
-                let ready = match self.enter_netns(&c.id, &c.spec).await {
+                // A pod's namespaces are the sandbox's (CRI made them); a lone task may
+                // ask for a new one or name one.
+                let netns = match role {
+                    spec::Role::Lone => self.enter_netns(&c.id, &c.spec).await,
+                    _ => Ok(()),
+                };
+                let ready = match netns {
                     Ok(()) => self.hooks(hooks::Stage::CreateRuntime, &c.id).await,
                     Err(e) => Err(e),
                 };
@@ -471,12 +691,14 @@ impl Guest for Host {
     }
 
     async fn start(&self, id: &str, exec: &str) -> Result<u32, GuestError> {
-        let pid = match self.vm_image(id) {
-            Some(task) => {
-                task.start(id).await?;
-                std::process::id()
-            }
-            None => self.agent(id)?.start(id, exec).await?,
+        let pid = if let Some(task) = self.vm_image(id) {
+            task.start(id).await?;
+            std::process::id()
+        } else if self.sandbox(id).is_some() && exec.is_empty() {
+            // The VM runs since Create; the task's pid is the netns thread's.
+            self.entries().get(id).map_or(0, |e| e.pid)
+        } else {
+            self.agent(id)?.start(id, exec).await?
         };
         if exec.is_empty() {
             self.hooks(hooks::Stage::Poststart, id).await?;
@@ -498,12 +720,27 @@ impl Guest for Host {
         if let Some(task) = self.vm_image(id) {
             return task.kill(id, signal).await;
         }
+        if let Some(sandbox) = self.sandbox(id).filter(|_| exec.is_empty()) {
+            // Any signal ends the pod's VM, so its tap is gone before CNI DEL runs.
+            sandbox.killed.send_if_modified(|k| {
+                let first = k.is_none();
+                if first {
+                    *k = Some(128 + signal);
+                }
+                first
+            });
+            sandbox.vm.shutdown().await;
+            return Ok(());
+        }
         self.agent(id)?.kill(id, exec, signal, all).await
     }
 
     async fn wait(&self, id: &str, exec: &str) -> Result<u32, GuestError> {
         if let Some(task) = self.vm_image(id) {
             return Ok(task.wait().await);
+        }
+        if let Some(sandbox) = self.sandbox(id).filter(|_| exec.is_empty()) {
+            return Ok(sandbox.wait().await);
         }
         self.agent(id)?.wait(id, exec).await
     }
@@ -524,6 +761,13 @@ impl Guest for Host {
         if self.vm_image(id).is_some() {
             return Ok(vec![ProcessInfo {
                 pid: std::process::id(),
+                ..Default::default()
+            }]);
+        }
+        if self.sandbox(id).is_some() {
+            let pid = self.entries().get(id).map_or(0, |e| e.pid);
+            return Ok(vec![ProcessInfo {
+                pid,
                 ..Default::default()
             }]);
         }

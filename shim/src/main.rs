@@ -18,6 +18,7 @@ mod hooks;
 mod host;
 mod model;
 mod netns;
+mod podnet;
 mod rootfs;
 mod service;
 mod spec;

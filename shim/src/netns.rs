@@ -6,8 +6,9 @@
 //! A spec that asks for a new network namespace (no path) gets one, made by the thread
 //! with `unshare(CLONE_NEWNET)` (allowed in a multi-threaded process: it changes only the
 //! calling thread); a spec that names one (`path`) gets a thread that joined it. The
-//! namespace lives as long as the thread: dropping the [`NetnsThread`] ends it. Attaching
-//! that network to the VM is the pod-network work (docs/pods.md §3), not done here.
+//! namespace lives as long as the thread: dropping the [`NetnsThread`] ends it. Work that
+//! must happen inside the namespace (opening the pod's tap, netlink) runs on the thread
+//! through [`NetnsThread::run`] ([`crate::podnet`]).
 
 use std::fs::File;
 use std::io;
@@ -18,10 +19,12 @@ use std::thread::JoinHandle;
 use nix::sched::CloneFlags;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+type Job = Box<dyn FnOnce() + Send>;
+
 /// The thread; its tid is a host pid whose `/proc/<tid>/ns/net` is the namespace.
 pub struct NetnsThread {
     tid: u32,
-    stop: Option<mpsc::Sender<()>>,
+    jobs: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -58,7 +61,7 @@ impl NetnsThread {
             None => None,
         };
         let (ready_tx, ready_rx) = mpsc::channel::<Result<u32, NetnsError>>();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("netns".into())
             .spawn(move || {
@@ -73,8 +76,10 @@ impl NetnsThread {
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered.map(|()| tid));
                 if ok {
-                    // Parked until the owner drops its sender.
-                    let _ = stop_rx.recv();
+                    // Parked, running what the owner sends, until it drops its sender.
+                    while let Ok(job) = jobs_rx.recv() {
+                        job();
+                    }
                 }
             })
             .map_err(NetnsError::Thread)?;
@@ -83,7 +88,7 @@ impl NetnsThread {
             .unwrap_or_else(|_| Err(NetnsError::Thread(io::Error::other("the thread died"))))?;
         Ok(NetnsThread {
             tid,
-            stop: Some(stop_tx),
+            jobs: Some(jobs_tx),
             thread: Some(thread),
         })
     }
@@ -91,11 +96,30 @@ impl NetnsThread {
     pub fn tid(&self) -> u32 {
         self.tid
     }
+
+    /// Runs `f` on the thread, inside the namespace, and returns its result. Blocks the
+    /// caller (call it from the blocking pool).
+    pub fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, NetnsError> {
+        let gone = || NetnsError::Thread(io::Error::other("the namespace thread has ended"));
+        let (tx, rx) = mpsc::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(job)
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())
+    }
 }
 
 impl Drop for NetnsThread {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        drop(self.jobs.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -119,6 +143,11 @@ mod tests {
         let path = PathBuf::from(format!("/proc/{}/ns/net", t.tid()));
         let joined = NetnsThread::start(Some(&path)).unwrap();
         assert_eq!(netns_of(joined.tid()), netns_of(t.tid()));
+        // Work sent to the thread runs in the namespace.
+        let inside = joined
+            .run(|| std::fs::read_link("/proc/thread-self/ns/net").unwrap())
+            .unwrap();
+        assert_eq!(inside, netns_of(t.tid()));
         let tid = t.tid();
         drop(t);
         assert!(

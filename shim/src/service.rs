@@ -42,8 +42,17 @@ impl Shim for Service {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // One shim process (and so one VM) per task; later tasks of a pod will join it.
-        let address = spawn(opts, &self.id, Vec::new()).await?;
+        // One shim process (and so one VM) per lone task or per pod: a pod's containers
+        // are grouped under its sandbox id, so containerd 1.6/1.7's `start` for each of them
+        // finds the pod's shim listening and gets its address (2.x skips `start` for them).
+        let grouping = match oci_spec::runtime::Spec::load(self.bundle.join("config.json")) {
+            Ok(spec) => crate::spec::grouping(&spec, &self.id),
+            Err(e) => {
+                log::warn!("cannot read {}/config.json: {e}", self.bundle.display());
+                self.id.clone()
+            }
+        };
+        let address = spawn(opts, &grouping, Vec::new()).await?;
         Ok(address)
     }
 

@@ -17,6 +17,52 @@ pub const ANN_GRACE: &str = "io.kestrel.vm.shutdown_grace_seconds";
 /// Annotation: seconds a container's VM may take to boot until its agent answers.
 pub const ANN_AGENT_TIMEOUT: &str = "io.kestrel.vm.agent_timeout_seconds";
 
+/// Annotation: how many containers a pod's VM can hold at once (each takes a disk slot and
+/// an IRQ line at boot; virtio-mmio has no hotplug).
+pub const ANN_SLOTS: &str = "io.kestrel.vm.container_slots";
+pub const DEFAULT_SLOTS: u64 = 8;
+/// IRQ lines 5–23 minus the pod VM's net, vsock and rng devices.
+pub const MAX_SLOTS: u64 = 16;
+
+/// containerd's CRI annotations (`pkg/cri/annotations`).
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// What a task is to its shim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A task of its own (`ctr run`, nerdctl): its own VM.
+    Lone,
+    /// A CRI pod sandbox: the pod's VM.
+    Sandbox,
+    /// An app container of the pod whose sandbox task is `sandbox`.
+    PodContainer { sandbox: String },
+}
+
+/// The task's role, from containerd's CRI annotations.
+pub fn role(spec: &Spec) -> Role {
+    let ann = spec.annotations().as_ref();
+    let get = |k: &str| ann.and_then(|a| a.get(k)).map(String::as_str);
+    match (get(CRI_CONTAINER_TYPE), get(CRI_SANDBOX_ID)) {
+        (Some("sandbox"), _) => Role::Sandbox,
+        (Some("container"), Some(sandbox)) if !sandbox.is_empty() => Role::PodContainer {
+            sandbox: sandbox.to_string(),
+        },
+        _ => Role::Lone,
+    }
+}
+
+/// The shim a task belongs to: its pod's sandbox id, or its own.
+pub fn grouping(spec: &Spec, id: &str) -> String {
+    match role(spec) {
+        Role::PodContainer { sandbox } => sandbox,
+        Role::Sandbox | Role::Lone => id.to_string(),
+    }
+}
+
 /// Guest memory a container's VM has beyond the container's memory limit (kernel, agent).
 pub const CONTAINER_VM_OVERHEAD_MIB: u64 = 128;
 /// How long a container's VM may take to boot by default: well under a second on
@@ -96,6 +142,39 @@ pub fn container_vm(spec: &Spec) -> Result<ContainerVm, SpecError> {
         agent_timeout_secs: annotation_number(spec, ANN_AGENT_TIMEOUT)?
             .unwrap_or(DEFAULT_AGENT_TIMEOUT_SECS),
     })
+}
+
+/// The VM of a pod, from its sandbox spec: the `io.kestrel.vm.*` annotations (the pod's
+/// annotations that containerd's `pod_annotations` lets through), else what kubelet sums
+/// up for the pod (CRI's sandbox-cpu-quota/-period and sandbox-memory), plus
+/// [`CONTAINER_VM_OVERHEAD_MIB`]; and its container slots.
+pub fn pod_vm(spec: &Spec) -> Result<(ContainerVm, usize), SpecError> {
+    let mut vm = container_vm(spec)?;
+    let has = |k: &str| {
+        spec.annotations()
+            .as_ref()
+            .is_some_and(|a| a.contains_key(k))
+    };
+    if !has(ANN_CPUS) {
+        let quota = annotation_number(spec, CRI_SANDBOX_CPU_QUOTA)?.filter(|q| *q > 0);
+        let period = annotation_number(spec, CRI_SANDBOX_CPU_PERIOD)?.filter(|p| *p > 0);
+        if let (Some(q), Some(p)) = (quota, period) {
+            vm.cpus = u8::try_from(q.div_ceil(p)).unwrap_or(u8::MAX);
+        }
+    }
+    if !has(ANN_MEMORY) {
+        if let Some(bytes) = annotation_number(spec, CRI_SANDBOX_MEMORY)?.filter(|m| *m > 0) {
+            vm.memory_mib = CONTAINER_VM_OVERHEAD_MIB + (bytes >> 20);
+        }
+    }
+    let slots = annotation_number(spec, ANN_SLOTS)?.unwrap_or(DEFAULT_SLOTS);
+    if !(1..=MAX_SLOTS).contains(&slots) {
+        return Err(SpecError::BadAnnotation {
+            key: ANN_SLOTS,
+            value: format!("{slots} (1 to {MAX_SLOTS})"),
+        });
+    }
+    Ok((vm, slots as usize))
 }
 
 /// The CPU count a CPU quota asks for, and the memory limit in MiB.
@@ -285,5 +364,73 @@ mod tests {
                 value: "many".into()
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod pod_tests {
+    use super::*;
+
+    fn with_annotations(pairs: &[(&str, &str)]) -> Spec {
+        let ann: serde_json::Map<String, serde_json::Value> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+            .collect();
+        serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "annotations": ann}))
+            .unwrap()
+    }
+
+    #[test]
+    fn roles_and_groupings_come_from_cri_annotations() {
+        let lone = with_annotations(&[]);
+        assert_eq!(role(&lone), Role::Lone);
+        assert_eq!(grouping(&lone, "c1"), "c1");
+        let sandbox = with_annotations(&[(CRI_CONTAINER_TYPE, "sandbox"), (CRI_SANDBOX_ID, "p1")]);
+        assert_eq!(role(&sandbox), Role::Sandbox);
+        assert_eq!(grouping(&sandbox, "p1"), "p1");
+        let app = with_annotations(&[(CRI_CONTAINER_TYPE, "container"), (CRI_SANDBOX_ID, "p1")]);
+        assert_eq!(
+            role(&app),
+            Role::PodContainer {
+                sandbox: "p1".into()
+            }
+        );
+        assert_eq!(grouping(&app, "c2"), "p1");
+        let odd = with_annotations(&[(CRI_CONTAINER_TYPE, "container")]);
+        assert_eq!(role(&odd), Role::Lone);
+    }
+
+    #[test]
+    fn a_pod_vm_is_sized_from_kubelets_sums_or_kestrels_annotations() {
+        let (vm, slots) = pod_vm(&with_annotations(&[])).unwrap();
+        assert_eq!(
+            (vm.cpus, vm.memory_mib, slots),
+            (DEFAULT_CPUS, CONTAINER_VM_OVERHEAD_MIB, 8)
+        );
+        let (vm, _) = pod_vm(&with_annotations(&[
+            (CRI_SANDBOX_CPU_QUOTA, "250000"),
+            (CRI_SANDBOX_CPU_PERIOD, "100000"),
+            (CRI_SANDBOX_MEMORY, "268435456"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (vm.cpus, vm.memory_mib),
+            (3, CONTAINER_VM_OVERHEAD_MIB + 256)
+        );
+        let (vm, slots) = pod_vm(&with_annotations(&[
+            (CRI_SANDBOX_MEMORY, "268435456"),
+            (ANN_MEMORY, "1024"),
+            (ANN_CPUS, "2"),
+            (ANN_SLOTS, "3"),
+        ]))
+        .unwrap();
+        assert_eq!((vm.cpus, vm.memory_mib, slots), (2, 1024, 3));
+        for bad in ["0", "17", "many"] {
+            let err = pod_vm(&with_annotations(&[(ANN_SLOTS, bad)])).unwrap_err();
+            assert!(
+                matches!(err, SpecError::BadAnnotation { key: ANN_SLOTS, .. }),
+                "{bad}"
+            );
+        }
     }
 }

@@ -258,7 +258,9 @@ pub fn prepare_task(
     })
 }
 
-async fn send(control: &ControlSender, action: VmAction) -> Result<(), GuestError> {
+/// Delivers `action` to the VM's VMM thread and awaits its answer.
+pub async fn send(control: &ControlSender, action: VmAction) -> Result<(), GuestError> {
+    let what = format!("deliver {action:?} to the VM");
     let (tx, rx) = oneshot::channel();
     control.send(
         action,
@@ -269,9 +271,7 @@ async fn send(control: &ControlSender, action: VmAction) -> Result<(), GuestErro
     match rx.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(vmm::ControlError::VmGone)) | Err(_) => Err(GuestError::VmGone),
-        Ok(Err(e)) => Err(host_err(format!("deliver {action:?} to the VM"))(Box::new(
-            e,
-        ))),
+        Ok(Err(e)) => Err(host_err(what)(Box::new(e))),
     }
 }
 

@@ -215,6 +215,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
         i8042,
         &serial,
         config.console_in.take(),
+        device_manager.blocks(),
     )
     .map_err(|e| BuildVmError::Device("control channel", e))?;
 

@@ -99,6 +99,7 @@ pub struct DeviceManager {
     next_irq: u32,
     cmdline: Vec<String>,
     block_metrics: Vec<Arc<BlockMetrics>>,
+    blocks: Vec<Arc<Mutex<Block>>>,
     net_metrics: Vec<Arc<NetMetrics>>,
     vsock_metrics: Option<Arc<VsockMetrics>>,
 }
@@ -110,6 +111,7 @@ impl Default for DeviceManager {
             next_irq: VIRTIO_IRQ_START,
             cmdline: Vec::new(),
             block_metrics: Vec::new(),
+            blocks: Vec::new(),
             net_metrics: Vec::new(),
             vsock_metrics: None,
         }
@@ -130,8 +132,14 @@ impl DeviceManager {
             .map_err(|source| DeviceError::Block { index, source })?;
         self.block_metrics.push(block.metrics());
         let block = Arc::new(Mutex::new(block));
+        self.blocks.push(block.clone());
         self.add_virtio(vm, mmio, manager, block.clone(), block)?;
         Ok(())
+    }
+
+    /// The virtio-blk devices, in order (for [`crate::VmAction::ReplaceDisk`]).
+    pub fn blocks(&self) -> Vec<Arc<Mutex<Block>>> {
+        self.blocks.clone()
     }
 
     /// Attaches a virtio-net interface over a tap.

@@ -17,18 +17,42 @@ use crate::exit::{ExitState, VmExit};
 use crate::vstate::vcpu::VcpuThread;
 use devices::legacy::i8042::I8042;
 use devices::legacy::serial::SerialConsole;
+use devices::virtio::block::Block;
 
 /// The event loop's subscriber type.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub type Manager = EventManager<Subscriber>;
 
 /// What the host may ask of a running VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmAction {
     /// Ask the guest to shut down gracefully (Ctrl-Alt-Del through the i8042).
     CtrlAltDel,
     /// Stop the VM now.
     Stop,
+    /// Put another disk behind virtio-blk device `index` (in [`VmConfig::disks`] order) and
+    /// announce it to the guest with a config-change interrupt; an
+    /// [`EmptyDisk`](devices::disk::EmptyDisk) empties the slot.
+    ///
+    /// [`VmConfig::disks`]: crate::VmConfig::disks
+    ReplaceDisk {
+        index: usize,
+        disk: crate::DiskConfig,
+    },
+}
+
+impl std::fmt::Debug for VmAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmAction::CtrlAltDel => f.write_str("CtrlAltDel"),
+            VmAction::Stop => f.write_str("Stop"),
+            VmAction::ReplaceDisk { index, disk } => f
+                .debug_struct("ReplaceDisk")
+                .field("index", index)
+                .field("size", &disk.backend.size())
+                .field("serial", &disk.serial)
+                .finish(),
+        }
+    }
 }
 
 /// Errors answering a [`VmAction`].
@@ -38,6 +62,14 @@ pub enum ControlError {
     VmGone,
     #[error("cannot deliver Ctrl-Alt-Del to the guest")]
     CtrlAltDel(#[source] devices::legacy::i8042::I8042Error),
+    #[error("the VM has no disk {index} (it has {count})")]
+    NoDisk { index: usize, count: usize },
+    #[error("cannot put the new disk behind disk {index}")]
+    ReplaceDisk {
+        index: usize,
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
 }
 
 /// A reply callback: runs on the VMM thread, must not block (the shim passes a closure
@@ -71,6 +103,7 @@ struct Control {
     evt: Arc<EventFd>,
     i8042: Arc<Mutex<I8042>>,
     exit: Arc<ExitState>,
+    disks: Vec<Arc<Mutex<Block>>>,
 }
 
 impl MutEventSubscriber for Control {
@@ -88,6 +121,17 @@ impl MutEventSubscriber for Control {
                     self.exit.request(VmExit::Stopped);
                     Ok(())
                 }
+                VmAction::ReplaceDisk { index, disk } => match self.disks.get(index) {
+                    Some(block) => block
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .replace_disk(disk.backend, disk.serial.as_deref())
+                        .map_err(|source| ControlError::ReplaceDisk { index, source }),
+                    None => Err(ControlError::NoDisk {
+                        index,
+                        count: self.disks.len(),
+                    }),
+                },
             };
             reply(result);
         }
@@ -211,6 +255,7 @@ pub(crate) fn add_core_subscribers(
     i8042: Arc<Mutex<I8042>>,
     serial: &Arc<Mutex<SerialConsole>>,
     console_in: Option<File>,
+    disks: Vec<Arc<Mutex<Block>>>,
 ) -> io::Result<ControlSender> {
     use event_manager::SubscriberOps;
     manager.add_subscriber(Arc::new(Mutex::new(ExitWatch(exit.clone()))));
@@ -221,6 +266,7 @@ pub(crate) fn add_core_subscribers(
         evt: evt.clone(),
         i8042,
         exit: exit.clone(),
+        disks,
     })));
     if let Some(input) = console_in {
         let drained = serial

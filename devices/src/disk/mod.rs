@@ -49,6 +49,36 @@ pub trait DiskBackend: Send {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError>;
 }
 
+/// A disk of zero bytes: what a placeholder virtio-blk device holds until a real disk is
+/// put behind it (see [`crate::virtio::block::Block::replace_disk`]). Every access is out
+/// of range; flushes succeed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EmptyDisk;
+
+impl DiskBackend for EmptyDisk {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        check_range(offset, buf.len() as u64, 0)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        check_range(offset, buf.len() as u64, 0)
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        Ok(())
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        check_range(offset, len, 0)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        check_range(offset, len, 0)
+    }
+}
+
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DiskError> {
     match offset.checked_add(len) {

@@ -20,6 +20,10 @@
 pub use containerd_shim_protos as protos;
 pub use oci_spec;
 
+#[cfg(feature = "netlink")]
+pub mod netlink;
+pub mod pod;
+
 use serde::{Deserialize, Serialize};
 
 /// The vsock port the agent's ttrpc server listens on.
@@ -107,6 +111,8 @@ pub enum ProtocolError {
     NotAConfig(String),
     #[error("cannot decode the container configuration")]
     Json(#[source] serde_json::Error),
+    #[error("the kernel command line's {} is not base64url", pod::POD_PARAM)]
+    BadPodParam,
 }
 
 /// A stdio stream's vsock port, as written in the task API's stdin/stdout/stderr fields.
@@ -132,18 +138,31 @@ impl StdioPort {
     }
 }
 
-/// The rootfs mount of a container whose root is the disk with `serial`.
-pub fn rootfs_mount(serial: &str, fstype: &str, read_only: bool) -> protos::api::Mount {
+/// `Mount.options` entry giving the disk's size in bytes, `kestrel.size=<bytes>`: a disk
+/// put behind a pod VM's placeholder slot reaches the guest with a config-change interrupt,
+/// so the agent waits until the device has this size before it mounts it.
+pub const SIZE_OPTION: &str = "kestrel.size=";
+
+/// The rootfs mount of a container whose root is the disk with `serial`, of `size` bytes.
+pub fn rootfs_mount(serial: &str, fstype: &str, read_only: bool, size: u64) -> protos::api::Mount {
+    let mut options = vec![format!("{SIZE_OPTION}{size}")];
+    if read_only {
+        options.push("ro".to_string());
+    }
     protos::api::Mount {
         type_: fstype.to_string(),
         source: format!("{SERIAL_PREFIX}{serial}"),
-        options: if read_only {
-            vec!["ro".to_string()]
-        } else {
-            Vec::new()
-        },
+        options,
         ..Default::default()
     }
+}
+
+/// The size a [`rootfs_mount`] announces, if any.
+pub fn mount_size(m: &protos::api::Mount) -> Option<u64> {
+    m.options
+        .iter()
+        .find_map(|o| o.strip_prefix(SIZE_OPTION))
+        .and_then(|v| v.parse().ok())
 }
 
 impl ContainerConfig {
@@ -235,11 +254,13 @@ mod tests {
 
     #[test]
     fn rootfs_by_serial() {
-        let m = rootfs_mount("kestrel-r1", "ext4", true);
+        let m = rootfs_mount("kestrel-r1", "ext4", true, 1 << 30);
         assert_eq!(
             (m.type_.as_str(), m.source.as_str()),
             ("ext4", "serial:kestrel-r1")
         );
-        assert_eq!(m.options, ["ro"]);
+        assert_eq!(m.options, ["kestrel.size=1073741824", "ro"]);
+        assert_eq!(mount_size(&m), Some(1 << 30));
+        assert_eq!(mount_size(&protos::api::Mount::default()), None);
     }
 }

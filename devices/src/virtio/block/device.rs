@@ -100,13 +100,7 @@ pub struct Block {
 impl Block {
     /// A device over `disk`. `serial` (at most 20 bytes) is what GET_ID returns.
     pub fn new(disk: Box<dyn DiskBackend>, serial: Option<&str>) -> Result<Block, BlockError> {
-        let mut serial_bytes = [0u8; SERIAL_LEN];
-        if let Some(s) = serial {
-            let dst = serial_bytes
-                .get_mut(..s.len())
-                .ok_or(BlockError::SerialTooLong { len: s.len() })?;
-            dst.copy_from_slice(s.as_bytes());
-        }
+        let serial_bytes = serial_bytes(serial)?;
         let size = disk.size();
         if size % SECTOR_SIZE != 0 {
             log::warn!(
@@ -154,6 +148,34 @@ impl Block {
             active: None,
             queue_evt_registered: false,
         })
+    }
+
+    /// Puts `disk` (seen as `serial`) behind the device in place of the current disk, and
+    /// tells an active guest that the capacity changed (a config-change interrupt): how a
+    /// container joins a running pod VM, whose placeholder disks (an [`EmptyDisk`]) are
+    /// attached at boot because virtio-mmio has no hotplug. The features stay those the
+    /// guest negotiated: a read-only disk behind a writable slot refuses writes with IOERR.
+    /// Runs on the VMM thread, between requests.
+    ///
+    /// [`EmptyDisk`]: crate::disk::EmptyDisk
+    pub fn replace_disk(
+        &mut self,
+        disk: Box<dyn DiskBackend>,
+        serial: Option<&str>,
+    ) -> Result<(), BlockError> {
+        let serial = serial_bytes(serial)?;
+        self.io.limits.capacity = disk.size() / SECTOR_SIZE;
+        self.io.read_only = disk.read_only() || self.features & (1 << VIRTIO_BLK_F_RO) != 0;
+        self.io.disk = disk;
+        self.io.serial = serial;
+        self.config = config_space(&self.io.limits);
+        if let Some(active) = &self.active {
+            if let Err(e) = active.interrupt.signal_config_change() {
+                self.log
+                    .warn(format_args!("virtio-blk: cannot signal a new disk: {e}"));
+            }
+        }
+        Ok(())
     }
 
     /// The device's counters (shared; read them without locking the device).
@@ -364,6 +386,18 @@ enum Direction {
 }
 
 /// `struct virtio_blk_config` up to `write_zeroes_may_unmap` (virtio 1.x, 5.2.4).
+/// GET_ID's answer: `serial`, zero-padded to 20 bytes.
+fn serial_bytes(serial: Option<&str>) -> Result<[u8; SERIAL_LEN], BlockError> {
+    let mut bytes = [0u8; SERIAL_LEN];
+    if let Some(s) = serial {
+        let dst = bytes
+            .get_mut(..s.len())
+            .ok_or(BlockError::SerialTooLong { len: s.len() })?;
+        dst.copy_from_slice(s.as_bytes());
+    }
+    Ok(bytes)
+}
+
 fn config_space(limits: &RequestLimits) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
     let fields: [(usize, &[u8]); 8] = [

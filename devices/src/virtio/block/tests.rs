@@ -678,3 +678,78 @@ fn bogus_available_index_does_not_spin_the_vmm_thread() {
     assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
     assert_eq!(slot.block.lock().unwrap().metrics().snapshot().flushes, 1);
 }
+
+#[test]
+fn a_disk_put_behind_a_placeholder_is_announced_and_served() {
+    let mut vmm = TestVmm::new();
+    let slot = vmm.add_block(
+        Block::new(Box::new(crate::disk::EmptyDisk), Some("empty-0")).unwrap(),
+        BASE,
+    );
+    let mem = vmm.mem.clone();
+    let mut d = Driver::new(&mem, BASE, QUEUE, 16);
+    d.probe(&mut vmm, ALL);
+    assert_eq!(d.config(&vmm, 0, 8), [0; 8]);
+    // A read of the empty disk fails alone.
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)],
+    );
+    assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_IOERR as u8);
+    let irqs = slot.irq.count();
+
+    let disk = MemDisk::new(DISK_SIZE, false);
+    disk.state().data[512..516].copy_from_slice(b"root");
+    slot.block
+        .lock()
+        .unwrap()
+        .replace_disk(Box::new(disk.clone()), Some("kestrel-rootfs-7"))
+        .unwrap();
+    assert_eq!(slot.irq.count(), irqs + 1);
+    assert_ne!(
+        d.read(&vmm, reg::INTERRUPT_STATUS) & interrupt::CONFIG_CHANGE,
+        0
+    );
+    assert_eq!(
+        d.config(&vmm, 0, 8),
+        ((DISK_SIZE / 512) as u64).to_le_bytes()
+    );
+    header(&mem, HDR, VIRTIO_BLK_T_IN, 1);
+    submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 512, WO), desc(STATUS, 1, WO)],
+    );
+    assert_eq!(status_at(&mem, STATUS), VIRTIO_BLK_S_OK as u8);
+    let mut back = [0u8; 4];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(&back, b"root");
+    header(&mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
+    submit(
+        &mut vmm,
+        &mut d,
+        &[desc(HDR, 16, RO), desc(DATA, 20, WO), desc(STATUS, 1, WO)],
+    );
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..16], b"kestrel-rootfs-7");
+    assert_eq!(id[16..], [0; 4]);
+
+    // Back to empty (the container was deleted): the capacity is 0 again.
+    slot.block
+        .lock()
+        .unwrap()
+        .replace_disk(Box::new(crate::disk::EmptyDisk), None)
+        .unwrap();
+    assert_eq!(d.config(&vmm, 0, 8), [0; 8]);
+    let long = "x".repeat(21);
+    assert!(matches!(
+        slot.block
+            .lock()
+            .unwrap()
+            .replace_disk(Box::new(crate::disk::EmptyDisk), Some(&long)),
+        Err(BlockError::SerialTooLong { len: 21 })
+    ));
+}

@@ -239,6 +239,12 @@ impl Tap {
         Ok(())
     }
 
+    /// The tap's fd, for [`Tap::from_fd`] elsewhere (a tap created in a pod's namespace,
+    /// handed to the VM's builder).
+    pub fn into_fd(self) -> OwnedFd {
+        self.file.into()
+    }
+
     /// The interface name (as the kernel reports it).
     pub fn name(&self) -> &str {
         &self.name
