@@ -9,6 +9,7 @@ PACKAGES=(
   # tests: payload assembly uses cc/ld/objcopy (binutils); image cross-checks use qemu-img
   binutils qemu-utils python3 lz4
   containerd runc containernetworking-plugins busybox-static e2fsprogs dosfstools  # containerd tests, tests/images
+  protobuf-compiler iproute2  # the CRI tests' client (k8s-cri builds its protos), pod network checks
   mtools cloud-init  # seed/: cross-checks of the NoCloud seed with mtools and Debian's cloud-init
 )
 

@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 
 scripts/install.sh >/dev/null
-busybox_tar=$(tests/images/build-busybox.sh)
+busybox_tar=$(tests/images/build-busybox.sh | head -n1)
 image_tar=$(tests/images/build-containerdisk.sh | head -n 1)
 
 W="$KESTREL_CACHE/quickstart"

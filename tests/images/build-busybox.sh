@@ -6,11 +6,13 @@
 #
 # Rootfs: Debian's busybox-static as /bin/busybox plus a symlink per applet (made from
 # `busybox --list-full`, so no chroot and no root needed), /etc/passwd and /etc/group
-# with root, empty /proc /sys /dev /tmp /root /run /var. Cmd ["/bin/sh"].
+# with root, empty /proc /sys /dev /tmp /root /run /var. Cmd ["/bin/sh"]. The same root is
+# also `localhost/pause:1` (pause.tar), the CRI sandbox image of the test containerd: a
+# shell that sleeps until TERM or INT (what runc pods run as their pause process).
 #
 # Cached in ${KESTREL_CACHE:-$HOME/.cache/kestrel}/images/busybox-<hash>/ keyed by the
 # busybox binary, this script and mkoci.py; with OUT_DIR the archive is also copied there.
-# Prints the archive's path on stdout.
+# Prints the archives' paths on stdout: busybox.tar, then pause.tar.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,7 +32,7 @@ command -v python3 >/dev/null || die "python3 not found"
 
 key="$(cat "$busybox" "${BASH_SOURCE[0]}" "$here/mkoci.py" | sha256sum | cut -c1-16)"
 dir="$cache/images/busybox-$key"
-if [[ ! -f "$dir/busybox.tar" ]]; then
+if [[ ! -f "$dir/busybox.tar" || ! -f "$dir/pause.tar" ]]; then
     mkdir -p "$cache/images"
     tmp="$(mktemp -d "$cache/images/.busybox-$key.XXXXXX")"
     trap 'rm -rf "$tmp"' EXIT
@@ -48,6 +50,10 @@ if [[ ! -f "$dir/busybox.tar" ]]; then
     echo 'root:x:0:' >"$root/etc/group"
     step "busybox.tar ($name)"
     python3 "$here/mkoci.py" --name "$name" --cmd /bin/sh "$root" "$tmp/busybox.tar"
+    step "pause.tar (localhost/pause:1)"
+    python3 "$here/mkoci.py" --name localhost/pause:1 \
+        --entrypoint '["/bin/sh","-c","trap \"exit 0\" TERM INT; while :; do sleep 3600 & wait $!; done"]' \
+        "$root" "$tmp/pause.tar"
     rm -rf "$root"
     chmod 0755 "$tmp"
     rm -rf "$dir"
@@ -59,7 +65,7 @@ fi
 
 if (($# == 1)); then
     mkdir -p "$1"
-    cp "$dir/busybox.tar" "$1/busybox.tar"
+    cp "$dir/busybox.tar" "$dir/pause.tar" "$1/"
     dir="$(cd "$1" && pwd)"
 fi
-printf '%s\n' "$dir/busybox.tar"
+printf '%s\n' "$dir/busybox.tar" "$dir/pause.tar"

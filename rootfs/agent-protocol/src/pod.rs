@@ -105,7 +105,9 @@ fn base64url(data: &[u8]) -> String {
         let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         for i in 0..=chunk.len() {
             let idx = (n >> (18 - 6 * i)) & 63;
-            out.push(char::from(ALPHABET[idx as usize]));
+            if let Some(&c) = ALPHABET.get(idx as usize) {
+                out.push(char::from(c));
+            }
         }
     }
     out

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use kestrel_agent_protocol::oci_spec::runtime::{LinuxResources, Process};
+use kestrel_agent_protocol::oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process};
 use kestrel_agent_protocol::{ContainerConfig, CopiedMount, EntryKind, StdioPort, SERIAL_PREFIX};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -46,6 +46,17 @@ pub enum AgentError {
     Running(String),
     #[error("no disk with serial {0:?} in the guest")]
     NoDisk(String),
+    #[error(
+        "disk {serial:?} did not reach its size of {want} bytes (still {have}) within {secs} s"
+    )]
+    DiskSize {
+        serial: String,
+        want: u64,
+        have: u64,
+        secs: u64,
+    },
+    #[error("{0}")]
+    Pod(String),
     #[error("cannot {what}")]
     Io {
         what: String,
@@ -146,6 +157,8 @@ struct Container {
 /// Every container of this guest, and the reaper's table of pids.
 pub struct Agent {
     oom: Option<Arc<crate::oom::OomWatcher>>,
+    /// Why the pod's setup at boot failed: every container is refused with it.
+    pod_error: Option<String>,
     containers: Mutex<HashMap<String, Container>>,
     /// Started processes by pid. Spawning holds this lock (so the reaper cannot see a pid
     /// before it is here, and no two helpers inherit each other's pipes).
@@ -169,9 +182,10 @@ fn check_id(id: &str) -> Result<(), AgentError> {
 }
 
 impl Agent {
-    pub fn new(oom: Option<Arc<crate::oom::OomWatcher>>) -> Self {
+    pub fn new(oom: Option<Arc<crate::oom::OomWatcher>>, pod_error: Option<String>) -> Self {
         Agent {
             oom,
+            pod_error,
             containers: Mutex::default(),
             watched: Mutex::default(),
             children: Condvar::new(),
@@ -219,6 +233,9 @@ impl Agent {
         io: StdioRequest,
     ) -> Result<u32, AgentError> {
         check_id(id)?;
+        if let Some(e) = &self.pod_error {
+            return Err(AgentError::Pod(e.clone()));
+        }
         if lock(&self.containers).contains_key(id) {
             return Err(AgentError::Exists(format!("container {id}")));
         }
@@ -263,6 +280,8 @@ impl Agent {
                 .and_then(|r| r.readonly())
                 .unwrap_or(false),
             hostname: spec.hostname().clone(),
+            share_uts: !new_namespace(&linux, LinuxNamespaceType::Uts),
+            share_ipc: !new_namespace(&linux, LinuxNamespaceType::Ipc),
             mounts: spec.mounts().clone().unwrap_or_default(),
             copied,
             masked: linux.masked_paths().clone().unwrap_or_default(),
@@ -585,6 +604,20 @@ impl Agent {
     }
 }
 
+/// Whether the spec asks for a namespace of `typ` of the container's own. One with a
+/// `path` names a host namespace (a pod's containers name the sandbox's): in the guest
+/// that is the VM's, which the container shares; none at all is the VM's too.
+fn new_namespace(
+    linux: &kestrel_agent_protocol::oci_spec::runtime::Linux,
+    typ: LinuxNamespaceType,
+) -> bool {
+    linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|n| n.typ() == typ && n.path().is_none())
+}
+
 fn apply_resources(group: &Path, r: &LinuxResources) -> Result<(), AgentError> {
     cgroup::apply(group, r).map_err(|(what, source)| AgentError::Io { what, source })
 }
@@ -612,8 +645,8 @@ fn cleanup_dir(dir: &Path, group: &Path) {
     let _ = fs::remove_dir(group);
 }
 
-/// The block device whose virtio serial is `serial` (`/dev/vdX`).
-fn device_by_serial(serial: &str) -> Result<PathBuf, AgentError> {
+/// The block device whose virtio serial is `serial` (`/dev/vdX`) and its sysfs directory.
+fn device_by_serial(serial: &str) -> Result<(PathBuf, PathBuf), AgentError> {
     let entries = fs::read_dir("/sys/block").map_err(io_err("list /sys/block"))?;
     for e in entries.flatten() {
         let name = e.file_name();
@@ -621,10 +654,52 @@ fn device_by_serial(serial: &str) -> Result<PathBuf, AgentError> {
             .map(|s| s.trim_end_matches(['\n', '\0']) == serial)
             .unwrap_or(false);
         if found {
-            return Ok(Path::new("/dev").join(name));
+            return Ok((Path::new("/dev").join(name), e.path()));
         }
     }
     Err(AgentError::NoDisk(serial.to_string()))
+}
+
+/// How long a disk put behind a slot of a running VM may take to show its size (the
+/// kernel handles the config-change interrupt in a work queue).
+const DISK_SIZE_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until the block device at `sysfs` has `want` bytes; then drops whatever the
+/// kernel cached of the slot's previous disk.
+fn await_size(device: &Path, sysfs: &Path, serial: &str, want: u64) -> Result<(), AgentError> {
+    let deadline = std::time::Instant::now() + DISK_SIZE_WAIT;
+    let size_of = || {
+        fs::read_to_string(sysfs.join("size"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map_or(0, |sectors| sectors.saturating_mul(512))
+    };
+    loop {
+        let have = size_of();
+        if have == want {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(AgentError::DiskSize {
+                serial: serial.to_string(),
+                want,
+                have,
+                secs: DISK_SIZE_WAIT.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let dev = File::open(device).map_err(io_err(format!("open {}", device.display())))?;
+    nix::fcntl::posix_fadvise(
+        &dev,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .map_err(nix_err(format!(
+        "drop the page cache of {}",
+        device.display()
+    )))
 }
 
 fn mount_rootfs(
@@ -638,7 +713,10 @@ fn mount_rootfs(
             m.source
         ))
     })?;
-    let device = device_by_serial(serial)?;
+    let (device, sysfs) = device_by_serial(serial)?;
+    if let Some(size) = kestrel_agent_protocol::mount_size(m) {
+        await_size(&device, &sysfs, serial, size)?;
+    }
     let mut flags = MsFlags::empty();
     if m.options.iter().any(|o| o == "ro") {
         flags |= MsFlags::MS_RDONLY;

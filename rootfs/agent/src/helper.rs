@@ -38,11 +38,14 @@ pub struct HelperConfig {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Mode {
-    /// A container's init: new mount, UTS and IPC namespaces over `rootfs`.
+    /// A container's init: a new mount namespace over `rootfs`, and new UTS and IPC
+    /// namespaces unless it shares the VM's (a pod's containers share the sandbox's).
     Init {
         rootfs: PathBuf,
         readonly: bool,
         hostname: Option<String>,
+        share_uts: bool,
+        share_ipc: bool,
         mounts: Vec<Mount>,
         /// Copied bind-mount sources: (destination, path in the agent).
         copied: Vec<(String, PathBuf)>,
@@ -111,15 +114,21 @@ fn setup(config: &HelperConfig) -> Result<Vec<seccompiler::BpfProgram>, String> 
             rootfs,
             readonly,
             hostname,
+            share_uts,
+            share_ipc,
             mounts,
             copied,
             masked,
             readonly_paths,
         } => {
-            nix::sched::unshare(
-                CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC,
-            )
-            .map_err(err("unshare the mount, UTS and IPC namespaces"))?;
+            let mut flags = CloneFlags::CLONE_NEWNS;
+            if !share_uts {
+                flags |= CloneFlags::CLONE_NEWUTS;
+            }
+            if !share_ipc {
+                flags |= CloneFlags::CLONE_NEWIPC;
+            }
+            nix::sched::unshare(flags).map_err(err("unshare the container's namespaces"))?;
             make_root(rootfs, mounts, copied, masked, readonly_paths)?;
             if *readonly {
                 nix::mount::mount(
@@ -131,7 +140,8 @@ fn setup(config: &HelperConfig) -> Result<Vec<seccompiler::BpfProgram>, String> 
                 )
                 .map_err(err("make the root file system read-only"))?;
             }
-            if let Some(h) = hostname.as_deref().filter(|h| !h.is_empty()) {
+            // In the VM's UTS namespace the hostname is the pod's, set at boot.
+            if let Some(h) = hostname.as_deref().filter(|h| !h.is_empty() && !share_uts) {
                 nix::unistd::sethostname(h).map_err(err(format!("set the hostname {h}")))?;
             }
         }

@@ -6,7 +6,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use kestrel_agent_protocol::netlink::Netlink;
 use kestrel_agent_protocol::oci_spec::runtime::{LinuxResources, Process};
+use kestrel_agent_protocol::pod::PodConfig;
 use kestrel_agent_protocol::protos::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
     DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PidsRequest,
@@ -32,6 +34,8 @@ impl AgentError {
             }
             AgentError::Exists(_) => Code::ALREADY_EXISTS,
             AgentError::Invalid(_) | AgentError::NoDisk(_) => Code::INVALID_ARGUMENT,
+            AgentError::DiskSize { .. } => Code::UNAVAILABLE,
+            AgentError::Pod(_) => Code::FAILED_PRECONDITION,
             AgentError::Running(_) => Code::FAILED_PRECONDITION,
             // The process could not be set up from its spec (a missing binary, a bad mount).
             AgentError::Setup(_) => Code::FAILED_PRECONDITION,
@@ -271,9 +275,49 @@ fn setup_guest() -> Result<(), Error> {
     cgroup::setup().map_err(|e| Error::new("enable the cgroup controllers", e))
 }
 
+/// The pod's setup from the kernel command line (hostname, network), if this VM is a
+/// pod's. A failure is kept and refuses every container: the shim cannot see the console.
+fn setup_pod() -> Result<(), String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let pod = match PodConfig::from_cmdline(&cmdline) {
+        Ok(Some(pod)) => pod,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("the pod configuration is unreadable: {e}")),
+    };
+    if !pod.hostname.is_empty() {
+        nix::unistd::sethostname(&pod.hostname)
+            .map_err(|e| format!("cannot set the hostname {:?}: {e}", pod.hostname))?;
+    }
+    let Some(net) = pod.network else {
+        return Ok(());
+    };
+    Netlink::open()
+        .and_then(|mut nl| nl.apply(&net))
+        .map_err(|e| {
+            let mut msg = format!("cannot configure the pod network: {e}");
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                msg.push_str(&format!(": {c}"));
+                cur = c.source();
+            }
+            msg
+        })?;
+    let addresses: Vec<String> = net.addresses.iter().map(ToString::to_string).collect();
+    println!(
+        "kestrel-agent: pod network {} on {}",
+        addresses.join(" "),
+        net.mac
+    );
+    Ok(())
+}
+
 /// Serves until the VM is stopped.
 pub fn serve() -> Result<(), Error> {
     setup_guest()?;
+    let pod_error = setup_pod().err();
+    if let Some(e) = &pod_error {
+        println!("kestrel-agent: {e}");
+    }
     let oom = match crate::oom::OomWatcher::start() {
         Ok(w) => Some(w),
         Err(e) => {
@@ -281,7 +325,7 @@ pub fn serve() -> Result<(), Error> {
             None
         }
     };
-    let agent = Arc::new(Agent::new(oom));
+    let agent = Arc::new(Agent::new(oom, pod_error));
     {
         let agent = agent.clone();
         std::thread::Builder::new()

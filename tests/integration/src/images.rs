@@ -78,18 +78,25 @@ pub fn containerdisk() -> &'static ContainerDisk {
     }
 }
 
-/// Builds (or finds in the cache) the busybox image archive; panics on failure.
-pub fn busybox() -> &'static Path {
-    static ARCHIVE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = ARCHIVE.get_or_init(|| {
-        let paths = run_script("build-busybox.sh")?;
-        paths
-            .into_iter()
-            .next()
-            .ok_or_else(|| "build-busybox.sh printed nothing".to_owned())
+/// The busybox and pause archives of `build-busybox.sh`.
+fn busybox_archives() -> &'static (PathBuf, PathBuf) {
+    static ARCHIVES: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    let built = ARCHIVES.get_or_init(|| match run_script("build-busybox.sh")?.as_slice() {
+        [busybox, pause] => Ok((busybox.clone(), pause.clone())),
+        other => Err(format!("build-busybox.sh printed {other:?}")),
     });
     match built {
         Ok(p) => p,
         Err(e) => panic!("cannot build the busybox test image: {e}"),
     }
+}
+
+/// Builds (or finds in the cache) the busybox image archive; panics on failure.
+pub fn busybox() -> &'static Path {
+    &busybox_archives().0
+}
+
+/// The CRI sandbox image `localhost/pause:1` (busybox's root; sleeps until TERM).
+pub fn pause() -> &'static Path {
+    &busybox_archives().1
 }

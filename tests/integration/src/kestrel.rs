@@ -82,7 +82,12 @@ fn leftovers(id: &str) -> Vec<PathBuf> {
 /// The shim's socket directory of task `id`: `/run/kestrel/s/<first 8 bytes of
 /// sha256("<namespace>/<id>")>` (the shim's `host::run_dir`).
 pub fn run_dir(id: &str) -> PathBuf {
-    let digest = sha2::Sha256::digest(format!("{NAMESPACE}/{id}").as_bytes());
+    run_dir_in(NAMESPACE, id)
+}
+
+/// The run directory of the shim of task `id` in containerd namespace `ns`.
+pub fn run_dir_in(ns: &str, id: &str) -> PathBuf {
+    let digest = sha2::Sha256::digest(format!("{ns}/{id}").as_bytes());
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     Path::new("/run/kestrel/s").join(hex)
 }

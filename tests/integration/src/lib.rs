@@ -3,11 +3,13 @@
 //! - [`containerd`]: a private containerd 1.6 (own root, state and sockets in a temporary
 //!   directory; docs/containerd.md §1) driven through `ctr`, with every call under a
 //!   timeout, and console capture through a FIFO for detached tasks.
+//! - [`cri`]: a synchronous CRI client (kubelet's calls) for the pod tests.
 //! - [`images`]: the test images of `tests/images/` (containerDisk and busybox OCI
 //!   archives), built once per test process and cached across runs.
 //! - [`target_dir`], [`shim_binary`]: where cargo put the binaries under test.
 
 pub mod containerd;
+pub mod cri;
 pub mod images;
 pub mod kestrel;
 

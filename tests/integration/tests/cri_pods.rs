@@ -1,0 +1,214 @@
+//! Kubernetes pods on kestrel, through containerd 1.6's CRI plugin as kubelet drives it
+//! (the `kestrel` runtime handler, a bridge CNI network from Debian's plugins), with a
+//! runc pod on the same bridge (docs/pods.md).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kestrel_integration_tests::cri::Cri;
+use kestrel_integration_tests::images;
+use kestrel_integration_tests::kestrel::{self, unique};
+
+const BUSYBOX: &str = "localhost/busybox:1";
+
+fn netns_count() -> usize {
+    std::fs::read_dir("/run/netns").map_or(0, |d| d.count())
+}
+
+fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One kestrel pod of two containers in one VM and one shim, on the pod network beside a
+/// runc pod: exec (output, status, timeout), logs, stats, IP both ways, teardown.
+#[test]
+fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
+    let Some(setup) = kestrel::setup(&[]) else {
+        return;
+    };
+    let c = &setup.c;
+    c.import(images::busybox(), "k8s.io");
+    c.import(images::pause(), "k8s.io");
+    let cri = Cri::connect(c.socket());
+    let logs = c.dir().join("pod-logs");
+    let netns_before = netns_count();
+
+    // A runc pod on the bridge.
+    let runc_logs = logs.join("runc");
+    std::fs::create_dir_all(&runc_logs).unwrap();
+    let runc_config = Cri::pod_config(&unique("runc-pod"), &runc_logs, &[]);
+    let runc_pod = cri.run_pod(&runc_config, "").expect("runc RunPodSandbox");
+    let runc_ip = cri.pod_ip(&runc_pod);
+    let runc_box = cri
+        .start_container(&runc_pod, &runc_config, "box", BUSYBOX, &["sleep", "3600"])
+        .expect("runc container");
+
+    // The kestrel pod.
+    let kestrel_logs = logs.join("kestrel");
+    std::fs::create_dir_all(&kestrel_logs).unwrap();
+    let name = unique("kpod");
+    let config = Cri::pod_config(
+        &name,
+        &kestrel_logs,
+        &[("io.kestrel.vm.container_slots", "3")],
+    );
+    let since = Instant::now();
+    let pod = cri
+        .run_pod(&config, "kestrel")
+        .expect("kestrel RunPodSandbox");
+    println!("RunPodSandbox: {:.1} s", since.elapsed().as_secs_f64());
+    let pod_ip = cri.pod_ip(&pod);
+    assert!(pod_ip.starts_with("10.88."), "pod IP {pod_ip:?}");
+    let shim = c.kestrel_shim_pid(&pod).expect("the pod's shim");
+
+    let web = cri
+        .start_container(
+            &pod,
+            &config,
+            "web",
+            BUSYBOX,
+            &[
+                "sh",
+                "-c",
+                "echo hello from web; echo oops >&2; exec sleep 3600",
+            ],
+        )
+        .expect("first container");
+    let side = cri
+        .start_container(&pod, &config, "side", BUSYBOX, &["sleep", "3600"])
+        .expect("second container");
+    // One shim process serves the pod.
+    let shims: Vec<u32> = c
+        .shim_processes()
+        .into_iter()
+        .filter(|p| {
+            p.args
+                .first()
+                .is_some_and(|a| a.to_string_lossy().ends_with("containerd-shim-kestrel-v2"))
+        })
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(shims, [shim]);
+    assert!(
+        c.kestrel_shim_pid(&web).is_none(),
+        "a shim of its own for {web}"
+    );
+
+    // Logs in the CRI log file, stdout and stderr apart.
+    let log = wait_for_file(
+        &kestrel_logs.join("web.log"),
+        "oops",
+        Duration::from_secs(30),
+    );
+    assert!(log.contains(" stdout F hello from web"), "{log}");
+    assert!(log.contains(" stderr F oops"), "{log}");
+
+    // ExecSync: output, status; both containers see the pod's address and hostname.
+    for id in [&web, &side] {
+        let r = cri
+            .exec_sync(id, &["sh", "-c", "hostname; ip -o -4 addr show eth0"], 60)
+            .expect("exec");
+        assert_eq!(r.exit_code, 0, "{r:?}");
+        assert!(r.stdout.starts_with(&format!("{name}\n")), "{r:?}");
+        assert!(r.stdout.contains(&format!("inet {pod_ip}/16")), "{r:?}");
+    }
+    let r = cri
+        .exec_sync(&side, &["sh", "-c", "echo err >&2; exit 3"], 60)
+        .unwrap();
+    assert_eq!((r.exit_code, r.stderr.as_str()), (3, "err\n"), "{r:?}");
+    let since = Instant::now();
+    let timed_out = cri.exec_sync(&side, &["sleep", "30"], 2);
+    assert!(timed_out.is_err(), "{timed_out:?}");
+    assert!(
+        since.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        since.elapsed()
+    );
+
+    // The pod network, both ways with the runc pod.
+    let r = cri
+        .exec_sync(&web, &["ping", "-c", "1", "-W", "10", &runc_ip], 60)
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "kestrel → runc {runc_ip}: {r:?}");
+    let r = cri
+        .exec_sync(&runc_box, &["ping", "-c", "1", "-W", "10", &pod_ip], 60)
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "runc → kestrel {pod_ip}: {r:?}");
+
+    // Stats of a container (the CRI plugin decodes cgroup metrics).
+    let stats = cri.container_stats(&web).expect("ContainerStats");
+    let mem = stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map_or(0, |v| v.value);
+    assert!(mem > 0, "{stats:?}");
+
+    // Stop and remove one container: the other keeps running in the VM.
+    cri.stop_container(&side, 0).unwrap();
+    cri.remove_container(&side).unwrap();
+    let r = cri.exec_sync(&web, &["true"], 60).unwrap();
+    assert_eq!(r.exit_code, 0);
+
+    cri.remove_pod(&pod).expect("remove the kestrel pod");
+    cri.remove_pod(&runc_pod).expect("remove the runc pod");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kestrel_integration_tests::containerd::alive(shim) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !kestrel_integration_tests::containerd::alive(shim),
+        "the pod's shim still runs"
+    );
+    assert_eq!(netns_count(), netns_before, "a network namespace is left");
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("kestrel0"), "{links}");
+    assert!(!kestrel::run_dir_in("k8s.io", &pod).exists());
+}
+
+/// What kestrel cannot run is refused with the code kubelet acts on.
+#[test]
+fn a_host_network_pod_is_refused() {
+    let Some(setup) = kestrel::setup(&[]) else {
+        return;
+    };
+    let c = &setup.c;
+    c.import(images::pause(), "k8s.io");
+    let cri = Cri::connect(c.socket());
+    let logs = c.dir().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut config = Cri::pod_config(&unique("hostnet"), &logs, &[]);
+    config.hostname.clear();
+    if let Some(ns) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.network = kestrel_integration_tests::cri::v1::NamespaceMode::Node as i32;
+    }
+    let err = cri.run_pod(&config, "kestrel").unwrap_err();
+    assert!(
+        err.message()
+            .contains("host-network pods are not supported"),
+        "{err:?}"
+    );
+    let bad = Cri::pod_config(
+        &unique("badslots"),
+        &logs,
+        &[("io.kestrel.vm.container_slots", "99")],
+    );
+    let err = cri.run_pod(&bad, "kestrel").unwrap_err();
+    assert!(
+        err.message().contains("io.kestrel.vm.container_slots"),
+        "{err:?}"
+    );
+}
