@@ -35,8 +35,8 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use devices::disk::{DiskBackend, EmptyDisk};
 use devices::virtio::net::MacAddr;
 use kestrel_agent_protocol::{
-    pod::PodConfig, ContainerConfig, CopiedMount, GuestEvent, StdioPort, AGENT_PORT, EVENTS_PORT,
-    SERVE_PARAM,
+    pod::PodConfig, Call, ContainerConfig, GuestEvent, Reply, StdioPort, AGENT_PORT, CALL_METHOD,
+    EVENTS_PORT, KESTREL_SERVICE, SERVE_PARAM,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -49,6 +49,7 @@ use vmm::{
 
 use crate::guest::{GuestError, NewContainer, NewExec, Stdio};
 use crate::host::log_timing;
+use crate::volumes::{self, HostCopy};
 
 /// The guest's vsock CID.
 pub const GUEST_CID: u64 = 3;
@@ -161,6 +162,18 @@ pub struct AgentVm {
     /// Which container holds each disk slot.
     slots: Mutex<Vec<Option<String>>>,
     next_serial: AtomicU32,
+    /// The same connection, for kestrel's own calls.
+    raw: ttrpc::asynchronous::Client,
+    volumes: Arc<Mutex<HashMap<String, Volume>>>,
+    /// Per container, the sources of the files copied back out at its exit.
+    copy_out: Mutex<HashMap<String, Vec<String>>>,
+    watcher: tokio::task::AbortHandle,
+}
+
+/// A host source copied into the VM, and who mounts it.
+struct Volume {
+    fingerprint: u64,
+    users: Vec<String>,
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -178,7 +191,7 @@ fn agent_err(e: ttrpc::Error) -> GuestError {
 }
 
 /// Opens a host → guest stream to `port` through the hybrid vsock socket.
-async fn connect_port(vsock: &Path, port: u32) -> io::Result<UnixStream> {
+pub async fn connect_port(vsock: &Path, port: u32) -> io::Result<UnixStream> {
     let mut s = UnixStream::connect(vsock).await?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
     let mut line = Vec::new();
@@ -311,9 +324,11 @@ impl AgentVm {
         };
         // From the VM's start to its agent's answer: the guest kernel's boot.
         log_timing(&spec.task, "agent_ready", started);
-        let client = TaskClient::new(ttrpc::asynchronous::Client::new(
-            ttrpc::asynchronous::transport::Socket::new(stream),
-        ));
+        let raw =
+            ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(stream));
+        let client = TaskClient::new(raw.clone());
+        let volumes = Arc::new(Mutex::new(HashMap::new()));
+        let watcher = tokio::spawn(watch_volumes(raw.clone(), volumes.clone())).abort_handle();
         Ok(Arc::new(AgentVm {
             client,
             control,
@@ -326,6 +341,10 @@ impl AgentVm {
             events,
             slots: Mutex::new(owners),
             next_serial: AtomicU32::new(1),
+            raw,
+            volumes,
+            copy_out: Mutex::new(HashMap::new()),
+            watcher,
         }))
     }
 
@@ -508,7 +527,7 @@ impl AgentVm {
         c: &NewContainer,
         serial: &str,
         size: u64,
-        copied: Vec<CopiedMount>,
+        copied: Vec<HostCopy>,
     ) -> Result<u32, GuestError> {
         let (ports, io) = self.open_stdio(&c.stdio)?;
         let mut spec = c.spec.clone();
@@ -516,7 +535,10 @@ impl AgentVm {
             // The container's UTS namespace would otherwise inherit the VM's "(none)".
             spec.set_hostname(Some(crate::spec::host_name(&c.id)));
         }
-        let config = ContainerConfig { spec, copied };
+        let config = ContainerConfig {
+            spec,
+            copied: copied.iter().map(|c| c.mount.clone()).collect(),
+        };
         let options = config.to_any().map_err(|e| {
             GuestError::host("encode the container configuration", Code::INTERNAL, e)
         })?;
@@ -535,11 +557,83 @@ impl AgentVm {
         match self.client.create(ctx(), &req).await {
             Ok(r) => {
                 self.io().insert((c.id.clone(), String::new()), io);
+                self.add_volumes(&c.id, &copied);
                 Ok(r.pid)
             }
             Err(e) => {
                 io.abort();
                 Err(agent_err(e))
+            }
+        }
+    }
+
+    /// Watches the container's copied sources; remembers what to copy out at its exit.
+    fn add_volumes(&self, id: &str, copied: &[HostCopy]) {
+        let mut volumes = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
+        for c in copied {
+            volumes
+                .entry(c.mount.source.clone())
+                .or_insert_with(|| Volume {
+                    fingerprint: c.fingerprint,
+                    users: Vec::new(),
+                })
+                .users
+                .push(id.to_string());
+        }
+        drop(volumes);
+        let out: Vec<String> = copied
+            .iter()
+            .filter(|c| c.copy_out)
+            .map(|c| c.mount.source.clone())
+            .collect();
+        if !out.is_empty() {
+            self.copy_out
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.to_string(), out);
+        }
+    }
+
+    fn remove_volumes(&self, id: &str) {
+        self.volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, v| {
+                v.users.retain(|u| u != id);
+                !v.users.is_empty()
+            });
+        self.copy_out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Copies what container `id` wrote into its own writable files (the termination log)
+    /// back to their host sources.
+    async fn copy_back(&self, id: &str) {
+        let sources = self
+            .copy_out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or_default();
+        for source in sources {
+            match call(
+                &self.raw,
+                &Call::ReadVolume {
+                    source: source.clone(),
+                },
+            )
+            .await
+            {
+                Ok(Reply::Data { data }) => {
+                    if let Err(e) = tokio::fs::write(&source, data).await {
+                        log::warn!("{id}: cannot copy {source} back out of the VM: {e}");
+                    }
+                }
+                Ok(other) => log::warn!("{id}: the agent answered {other:?} for {source}"),
+                Err(e) => log::warn!("{id}: cannot read {source} back from the VM: {e}"),
             }
         }
     }
@@ -626,6 +720,9 @@ impl AgentVm {
         // From the model's Wait (right after Start) to the agent's answer: the process's
         // run and its exit, in the guest.
         log_timing(id, if exec.is_empty() { "run" } else { "exec_run" }, since);
+        if exec.is_empty() {
+            self.copy_back(id).await;
+        }
         let outputs = self
             .io()
             .get_mut(&(id.to_string(), exec.to_string()))
@@ -642,6 +739,9 @@ impl AgentVm {
     pub async fn delete(&self, id: &str, exec: &str) -> Result<(), GuestError> {
         if let Some(io) = self.io().remove(&(id.to_string(), exec.to_string())) {
             io.abort();
+        }
+        if exec.is_empty() {
+            self.remove_volumes(id);
         }
         let req = DeleteRequest {
             id: id.to_string(),
@@ -742,6 +842,7 @@ impl AgentVm {
     /// Stops the VM and removes its sockets.
     pub async fn shutdown(&self) {
         self.events.abort();
+        self.watcher.abort();
         stop(&self.control).await;
         let mut exit = self.exit.clone();
         let ended = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
@@ -777,6 +878,93 @@ async fn stop(control: &ControlSender) {
         }),
     );
     let _ = rx.await;
+}
+
+/// One of kestrel's own calls to the agent ([`KESTREL_SERVICE`]).
+async fn call(client: &ttrpc::asynchronous::Client, c: &Call) -> Result<Reply, GuestError> {
+    let payload = c
+        .encode()
+        .map_err(|e| GuestError::host("encode a call to the agent", Code::INTERNAL, e))?;
+    let req = ttrpc::Request {
+        service: KESTREL_SERVICE.to_string(),
+        method: CALL_METHOD.to_string(),
+        payload,
+        ..Default::default()
+    };
+    let res = client.request(req).await.map_err(GuestError::Transport)?;
+    if let Some(status) = res
+        .status
+        .as_ref()
+        .filter(|s| s.code.enum_value_or_default() != Code::OK)
+    {
+        return Err(GuestError::Agent {
+            code: status.code.enum_value_or_default(),
+            message: status.message.clone(),
+        });
+    }
+    Reply::decode(&res.payload)
+        .map_err(|e| GuestError::host("decode the agent's answer", Code::INTERNAL, e))
+}
+
+/// Every [`volumes::POLL`], sends the guest each copied source that changed on the host.
+async fn watch_volumes(
+    client: ttrpc::asynchronous::Client,
+    volumes: Arc<Mutex<HashMap<String, Volume>>>,
+) {
+    loop {
+        tokio::time::sleep(volumes::POLL).await;
+        let known: Vec<(String, u64)> = volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(s, v)| (s.clone(), v.fingerprint))
+            .collect();
+        if known.is_empty() {
+            continue;
+        }
+        let changed = tokio::task::spawn_blocking(move || {
+            known
+                .into_iter()
+                .filter_map(|(source, old)| {
+                    let path = Path::new(&source);
+                    let now = volumes::fingerprint(path);
+                    if now == old || now == 0 {
+                        return None;
+                    }
+                    let mut budget = kestrel_agent_protocol::MAX_COPIED_BYTES;
+                    match volumes::copy_tree(path, &mut budget) {
+                        Ok(entries) => Some((source, now, entries)),
+                        Err(e) => {
+                            log::warn!("volume {source} changed but cannot be copied: {e}");
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (source, fingerprint, entries) in changed {
+            let sync = Call::SyncVolume {
+                source: source.clone(),
+                entries,
+            };
+            match call(&client, &sync).await {
+                Ok(_) => {
+                    log::info!("volume {source} changed on the host: synced into the VM");
+                    if let Some(v) = volumes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_mut(&source)
+                    {
+                        v.fingerprint = fingerprint;
+                    }
+                }
+                Err(GuestError::Transport(_)) => return,
+                Err(e) => log::warn!("volume {source}: {e}"),
+            }
+        }
+    }
 }
 
 /// Reads the agent's events stream (one JSON object a line) until the VM is gone.

@@ -9,7 +9,6 @@
 //! container is deleted. No lock is held across a conversion or a boot.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,13 +23,15 @@ use devices::disk::EmptyDisk;
 use devices::virtio::net::MacAddr;
 use kestrel_agent_protocol::netlink;
 use kestrel_agent_protocol::pod::PodConfig;
-use kestrel_agent_protocol::{CopiedEntry, CopiedMount, EntryKind, GuestEvent, MAX_COPIED_BYTES};
+use kestrel_agent_protocol::GuestEvent;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use vmm::{DiskConfig, VmExit};
 
 use crate::agent::{AgentVm, BootSpec};
+use crate::cgroups;
 use crate::events::{Event, EventTx};
+use crate::forward::PortForwarder;
 use crate::guest::{Guest, GuestError, NewContainer, NewExec};
 use crate::hooks;
 use crate::netns::{self, NetnsThread};
@@ -38,6 +39,7 @@ use crate::podnet;
 use crate::rootfs::{self, PreparedRootfs};
 use crate::spec;
 use crate::vm_image::{self, ImageError, StateDirs, VmImageTask};
+use crate::volumes::{self, HostCopy};
 
 /// Starts a thread in the network namespace at `path` (a new one for `None`).
 async fn start_netns(path: Option<PathBuf>) -> Result<NetnsThread, GuestError> {
@@ -65,6 +67,9 @@ enum Kind {
 /// The pod VM as a task: "running" until it is killed or the VM stops.
 struct Sandbox {
     vm: Arc<AgentVm>,
+    memory_bytes: u64,
+    /// The shim process in the sandbox's cgroup (left when the pod is deleted).
+    cgroup: Mutex<Option<cgroups::Joined>>,
     /// The exit status once killed (128 + signal).
     killed: watch::Sender<Option<u32>>,
 }
@@ -92,13 +97,13 @@ struct Entry {
     bundle: String,
     pid: u32,
     /// The host thread in the container's network namespace, whose tid the hooks get as
-    /// the container's pid.
-    netns: Option<NetnsThread>,
+    /// the container's pid (a pod's: the sandbox task's pid).
+    netns: Option<Arc<NetnsThread>>,
 }
 
 enum Prepared {
     VmImage(VmImageTask),
-    Container(PreparedRootfs, Vec<CopiedMount>),
+    Container(PreparedRootfs, Vec<HostCopy>),
 }
 
 pub struct Host {
@@ -135,82 +140,6 @@ fn host_err(
 ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> GuestError {
     let what = what.into();
     move |source| GuestError::Host { what, code, source }
-}
-
-/// Copies the host sources of the spec's bind mounts (files and small directories) for the
-/// guest, at most [`MAX_COPIED_BYTES`] in all. A source that cannot be copied is left out
-/// with a warning.
-pub fn copy_bind_sources(spec: &oci_spec::runtime::Spec) -> Vec<CopiedMount> {
-    let mut budget = MAX_COPIED_BYTES;
-    let mut out = Vec::new();
-    for m in spec.mounts().iter().flatten() {
-        let opts = m.options().clone().unwrap_or_default();
-        let bind =
-            m.typ().as_deref() == Some("bind") || opts.iter().any(|o| o == "bind" || o == "rbind");
-        let Some(source) = m.source().as_ref().filter(|_| bind) else {
-            continue;
-        };
-        let destination = m.destination().to_string_lossy().into_owned();
-        match copy_tree(source, &mut budget) {
-            Ok(entries) => out.push(CopiedMount {
-                destination,
-                entries,
-            }),
-            Err(why) => log::warn!(
-                "bind mount {} on {destination} is not copied into the VM: {why}",
-                source.display()
-            ),
-        }
-    }
-    out
-}
-
-fn copy_tree(source: &Path, budget: &mut usize) -> Result<Vec<CopiedEntry>, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut entries = Vec::new();
-    let mut stack = vec![(source.to_path_buf(), String::new())];
-    while let Some((path, rel)) = stack.pop() {
-        let md = fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mode = md.permissions().mode() & 0o7777;
-        let kind = if md.is_dir() {
-            let mut children: Vec<_> = fs::read_dir(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .filter_map(|e| e.ok())
-                .collect();
-            children.sort_by_key(|e| e.file_name());
-            for c in children.into_iter().rev() {
-                let name = c.file_name().to_string_lossy().into_owned();
-                let child_rel = if rel.is_empty() {
-                    name
-                } else {
-                    format!("{rel}/{name}")
-                };
-                stack.push((c.path(), child_rel));
-            }
-            EntryKind::Dir
-        } else if md.is_file() {
-            let len = usize::try_from(md.len()).unwrap_or(usize::MAX);
-            if len > *budget {
-                return Err(format!("more than {MAX_COPIED_BYTES} bytes"));
-            }
-            *budget -= len;
-            EntryKind::File(fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?)
-        } else if md.file_type().is_symlink() {
-            let to = fs::read_link(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            EntryKind::Symlink(to.to_string_lossy().into_owned())
-        } else {
-            return Err(format!(
-                "{} is not a file, directory or symlink",
-                path.display()
-            ));
-        };
-        entries.push(CopiedEntry {
-            path: rel,
-            mode,
-            kind,
-        });
-    }
-    Ok(entries)
 }
 
 /// Where the container's files are: containerd's mounts go to `<bundle>/rootfs`; without
@@ -268,7 +197,7 @@ impl Host {
     /// Runs the hooks of `stage` for `id`; only createRuntime failures are errors.
     async fn hooks(&self, stage: hooks::Stage, id: &str) -> Result<(), GuestError> {
         let Some((spec, bundle, pid)) = self.entries().get(id).map(|e| {
-            let pid = e.netns.as_ref().map_or(e.pid, NetnsThread::tid);
+            let pid = e.netns.as_ref().map_or(e.pid, |t| t.tid());
             (e.spec.clone(), e.bundle.clone(), pid)
         }) else {
             return Ok(());
@@ -287,7 +216,7 @@ impl Host {
         }
     }
 
-    fn insert(&self, c: &NewContainer, kind: Kind, pid: u32, netns: Option<NetnsThread>) {
+    fn insert(&self, c: &NewContainer, kind: Kind, pid: u32, netns: Option<Arc<NetnsThread>>) {
         self.entries().insert(
             c.id.clone(),
             Entry {
@@ -312,7 +241,7 @@ impl Host {
         };
         let thread = start_netns(path).await?;
         if let Some(e) = self.entries().get_mut(id) {
-            e.netns = Some(thread);
+            e.netns = Some(Arc::new(thread));
         }
         Ok(())
     }
@@ -348,7 +277,7 @@ impl Host {
             let result = match vm_image::find_disk(&tree) {
                 Ok(disk) => vm_image::prepare_task(&dirs, &ns, &c2, &disk).map(Prepared::VmImage),
                 Err(ImageError::NoDisk) => rootfs::prepare(&dirs, &c2.rootfs, &tree, &ns, &c2.id)
-                    .map(|r| Prepared::Container(r, copy_bind_sources(&c2.spec)))
+                    .map(|r| Prepared::Container(r, volumes::copy_bind_sources(&c2.spec)))
                     .map_err(|e| {
                         GuestError::host(
                             "prepare the container's root file system",
@@ -382,7 +311,7 @@ impl Host {
         &self,
         c: &NewContainer,
         root: PreparedRootfs,
-        copied: Vec<CopiedMount>,
+        copied: Vec<HostCopy>,
     ) -> Result<(Arc<AgentVm>, u32), GuestError> {
         let vm = spec::container_vm(&c.spec).map_err(|e| {
             GuestError::host("size the VM from the spec", Code::INVALID_ARGUMENT, e)
@@ -413,7 +342,7 @@ impl Host {
             pod: None,
             dir: self.run_dir.clone(),
             agent_timeout: Duration::from_secs(vm.agent_timeout_secs),
-            on_event: self.on_event(),
+            on_event: self.on_event(None),
         })
         .await?;
         let since = Instant::now();
@@ -428,8 +357,12 @@ impl Host {
         }
     }
 
-    /// Publishes what the agent reports (OOM kills) as containerd events.
-    fn on_event(&self) -> Box<dyn Fn(GuestEvent) + Send + Sync> {
+    /// Acts on what the agent reports: OOM kills become containerd events, a pod's
+    /// listening ports go to its port forwarder.
+    fn on_event(
+        &self,
+        forwarder: Option<Arc<PortForwarder>>,
+    ) -> Box<dyn Fn(GuestEvent) + Send + Sync> {
         let events = self.events.clone();
         Box::new(move |e| match e {
             GuestEvent::Oom { container_id } => {
@@ -439,6 +372,10 @@ impl Host {
                     ..Default::default()
                 }));
             }
+            GuestEvent::Listening { ports } => match &forwarder {
+                Some(f) => f.update(&ports),
+                None => log::debug!("the guest listens on {ports:?}"),
+            },
         })
     }
 
@@ -483,8 +420,59 @@ impl Host {
         slots: usize,
         path: Option<PathBuf>,
     ) -> Result<u32, GuestError> {
-        let netns = start_netns(path).await?;
-        let netns = Arc::new(netns);
+        // The pod's accounting: everything the VM allocates from now on is charged to the
+        // sandbox's cgroup.
+        let cgroup = match c
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+        {
+            Some(path) => {
+                let path = path.to_string_lossy().into_owned();
+                let joined = tokio::task::spawn_blocking(move || cgroups::join(&path))
+                    .await
+                    .map_err(|e| {
+                        host_err("join the sandbox's cgroup", Code::INTERNAL)(Box::new(e))
+                    })?
+                    .map_err(|e| {
+                        GuestError::host("join the sandbox's cgroup", Code::INVALID_ARGUMENT, e)
+                    })?;
+                Some(joined)
+            }
+            None => None,
+        };
+        let memory_mib = vm.memory_mib;
+        match self.boot_pod_vm(c, vm, slots, path).await {
+            Ok((agent, netns)) => {
+                let pid = netns.tid();
+                let sandbox = Sandbox {
+                    vm: agent,
+                    memory_bytes: memory_mib << 20,
+                    cgroup: Mutex::new(cgroup),
+                    killed: watch::channel(None).0,
+                };
+                self.insert(c, Kind::Sandbox(Arc::new(sandbox)), pid, Some(netns));
+                Ok(pid)
+            }
+            Err(e) => {
+                if let Some(j) = cgroup {
+                    let _ = tokio::task::spawn_blocking(move || j.leave()).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The pod netns thread, the tap, and the VM booted on them.
+    async fn boot_pod_vm(
+        &self,
+        c: &NewContainer,
+        vm: spec::ContainerVm,
+        slots: usize,
+        path: Option<PathBuf>,
+    ) -> Result<(Arc<AgentVm>, Arc<NetnsThread>), GuestError> {
+        let netns = Arc::new(start_netns(path).await?);
         let attached = {
             let netns = netns.clone();
             tokio::task::spawn_blocking(move || podnet::attach(&netns))
@@ -492,9 +480,7 @@ impl Host {
                 .map_err(|e| host_err("wire the pod network", Code::INTERNAL)(Box::new(e)))?
                 .map_err(|e| GuestError::host("wire the pod network", Code::INTERNAL, e))?
         };
-        let netns = Arc::into_inner(netns).ok_or_else(|| {
-            GuestError::Invalid("the pod network namespace thread is still in use".into())
-        })?;
+        let forwarder = PortForwarder::new(netns.clone(), self.run_dir.join("vsock"));
         let mut pod = PodConfig {
             hostname: c.spec.hostname().clone().unwrap_or_default(),
             network: None,
@@ -533,16 +519,10 @@ impl Host {
             pod: Some(pod),
             dir: self.run_dir.clone(),
             agent_timeout: Duration::from_secs(vm.agent_timeout_secs),
-            on_event: self.on_event(),
+            on_event: self.on_event(Some(forwarder)),
         })
         .await?;
-        let pid = netns.tid();
-        let sandbox = Sandbox {
-            vm: agent,
-            killed: watch::channel(None).0,
-        };
-        self.insert(c, Kind::Sandbox(Arc::new(sandbox)), pid, Some(netns));
-        Ok(pid)
+        Ok((agent, netns))
     }
 
     /// An app container of the pod: its root disk goes into a free slot of the running VM.
@@ -584,7 +564,7 @@ impl Host {
         &self,
         c: &NewContainer,
         root: PreparedRootfs,
-        copied: Vec<CopiedMount>,
+        copied: Vec<HostCopy>,
     ) -> Result<u32, GuestError> {
         // Claims the boot only when no container VM exists and none is booting.
         let has_vm = self
@@ -633,6 +613,14 @@ impl Host {
             }
             Some(Kind::Sandbox(sandbox)) => {
                 sandbox.vm.shutdown().await;
+                let cgroup = sandbox
+                    .cgroup
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(j) = cgroup {
+                    let _ = tokio::task::spawn_blocking(move || j.leave()).await;
+                }
                 Ok(())
             }
             Some(Kind::VmImage(task)) => task.kill(id, libc::SIGKILL as u32).await.or(Ok(())),
@@ -771,11 +759,29 @@ impl Guest for Host {
                 ..Default::default()
             }]);
         }
-        self.agent(id)?.pids(id).await
+        let vm = self.agent(id)?;
+        if vm.ended().is_some() {
+            // CRI's pod stats fail as a whole on a Pids error: a container of a stopped
+            // pod VM simply has no processes.
+            return Ok(Vec::new());
+        }
+        vm.pids(id).await
     }
 
     async fn stats(&self, id: &str) -> Result<Any, GuestError> {
-        self.agent(id)?.stats(id).await
+        // The VM as a whole is measured on the host; a container in its guest cgroup.
+        let whole_vm = match self.entries().get(id).map(|e| &e.kind) {
+            Some(Kind::VmImage(t)) => Some(t.memory_bytes),
+            Some(Kind::Sandbox(s)) => Some(s.memory_bytes),
+            _ => None,
+        };
+        match whole_vm {
+            Some(limit) => tokio::task::spawn_blocking(move || cgroups::process_metrics(limit))
+                .await
+                .map_err(|e| host_err("read the VM's statistics", Code::INTERNAL)(Box::new(e)))?
+                .map_err(|e| GuestError::host("read the VM's statistics", Code::INTERNAL, e)),
+            None => self.agent(id)?.stats(id).await,
+        }
     }
 
     async fn update(&self, id: &str, resources: &Any) -> Result<(), GuestError> {
@@ -815,41 +821,5 @@ mod tests {
         assert!(a.as_os_str().len() < 40, "{}", a.display());
         assert_ne!(a, run_dir("k8s.io", &"x".repeat(64)));
         assert_eq!(a, run_dir("default", &"x".repeat(64)));
-    }
-
-    #[test]
-    fn bind_sources_are_copied_within_the_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("hosts");
-        fs::write(&file, b"127.0.0.1 localhost\n").unwrap();
-        let tree = dir.path().join("cfg");
-        fs::create_dir_all(tree.join("sub")).unwrap();
-        fs::write(tree.join("sub/a"), b"a").unwrap();
-        std::os::unix::fs::symlink("sub/a", tree.join("link")).unwrap();
-        let big = dir.path().join("big");
-        fs::write(&big, vec![0u8; MAX_COPIED_BYTES + 1]).unwrap();
-        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "ro"]},
-                {"destination": "/cfg", "source": tree, "options": ["rbind"]},
-                {"destination": "/big", "type": "bind", "source": big},
-            ]
-        }))
-        .unwrap();
-        let copied = copy_bind_sources(&spec);
-        assert_eq!(copied.len(), 2, "{copied:?}");
-        assert_eq!(copied[0].destination, "/etc/hosts");
-        assert_eq!(
-            copied[0].entries[0].kind,
-            EntryKind::File(b"127.0.0.1 localhost\n".to_vec())
-        );
-        let paths: Vec<&str> = copied[1].entries.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["", "link", "sub", "sub/a"]);
-        assert_eq!(
-            copied[1].entries[1].kind,
-            EntryKind::Symlink("sub/a".into())
-        );
     }
 }

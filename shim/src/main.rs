@@ -10,9 +10,11 @@
 //! [`agent`]).
 
 mod agent;
+mod cgroups;
 mod console;
 mod error;
 mod events;
+mod forward;
 mod guest;
 mod hooks;
 mod host;
@@ -24,6 +26,7 @@ mod service;
 mod spec;
 mod task;
 mod vm_image;
+mod volumes;
 
 #[tokio::main]
 async fn main() {

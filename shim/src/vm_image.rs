@@ -172,6 +172,8 @@ fn host_err(
 /// A VM-image container: its process is the VM.
 pub struct VmImageTask {
     grace: Duration,
+    /// Guest RAM, the limit of the task's statistics.
+    pub memory_bytes: u64,
     pending: Mutex<Option<(Box<VmConfig>, ConsoleWriter)>>,
     control: Mutex<Option<ControlSender>>,
     exit: watch::Sender<Option<u32>>,
@@ -252,6 +254,7 @@ pub fn prepare_task(
     );
     Ok(VmImageTask {
         grace: Duration::from_secs(vm.grace_secs),
+        memory_bytes: vm.memory_mib << 20,
         pending: Mutex::new(Some((Box::new(config), writer))),
         control: Mutex::new(None),
         exit: watch::channel(None).0,

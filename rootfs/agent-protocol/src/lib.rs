@@ -31,6 +31,11 @@ pub const AGENT_PORT: u32 = 1024;
 /// The host port the agent connects to at boot to report [`GuestEvent`]s, one JSON object
 /// a line.
 pub const EVENTS_PORT: u32 = 1025;
+/// The vsock port of the agent's port forwarder: the host connects, writes the guest TCP
+/// port as one line (`8080\n`), and the stream is then joined to a connection to
+/// `127.0.0.1:<port>` (or `[::1]:<port>`) in the guest. CRI's PortForward reaches a pod's
+/// ports this way.
+pub const FORWARD_PORT: u32 = 1026;
 /// The host's vsock CID, to which the agent connects for stdio.
 pub const HOST_CID: u32 = 2;
 /// `type_url` of the `Any` in `CreateTaskRequest.options` that holds a [`ContainerConfig`].
@@ -55,8 +60,17 @@ pub struct ContainerConfig {
 }
 
 /// A bind mount whose host source (a file or a small directory) was copied into the VM.
+///
+/// A copy is a *volume* of the VM keyed by its host source: every container that mounts
+/// the same source shares one copy (a pod's emptyDir, its `/etc/hosts`), the shim keeps it
+/// in step with the host ([`Call::SyncVolume`]: ConfigMaps, Secrets and tokens change), and
+/// reads back what a container wrote into a file ([`Call::ReadVolume`]: the termination
+/// log). A `/dev/shm` directory is a tmpfs of the VM shared the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopiedMount {
+    /// The host path the copy was made from (empty: a copy of the container's own).
+    #[serde(default)]
+    pub source: String,
     /// The mount's destination in the container.
     pub destination: String,
     /// The source's entries: one with an empty path for a file, else the directory tree.
@@ -80,6 +94,53 @@ pub enum EntryKind {
     Symlink(String),
 }
 
+/// The agent's second ttrpc service beside containerd's task API: kestrel's own calls, one
+/// method whose request and answer are JSON ([`Call`], [`Reply`]) in the ttrpc payload.
+pub const KESTREL_SERVICE: &str = "kestrel.agent.v1.Kestrel";
+pub const CALL_METHOD: &str = "Call";
+
+/// A call of [`KESTREL_SERVICE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case")]
+pub enum Call {
+    /// Make the volume copied from `source` equal to `entries` (as [`CopiedMount`] has
+    /// them), in place: changed files and symlinks are replaced by rename, missing entries
+    /// removed. A volume no container has mounted yet is left alone.
+    SyncVolume {
+        source: String,
+        entries: Vec<CopiedEntry>,
+    },
+    /// The contents of the volume copied from `source`, a regular file.
+    ReadVolume { source: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Done,
+    Data { data: Vec<u8> },
+}
+
+impl Call {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        serde_json::to_vec(self).map_err(ProtocolError::Json)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        serde_json::from_slice(bytes).map_err(ProtocolError::Json)
+    }
+}
+
+impl Reply {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        serde_json::to_vec(self).map_err(ProtocolError::Json)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        serde_json::from_slice(bytes).map_err(ProtocolError::Json)
+    }
+}
+
 /// What the agent reports without being asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -87,6 +148,10 @@ pub enum GuestEvent {
     /// The kernel's OOM killer killed a process of this container (its cgroup's
     /// `memory.events` oom_kill count went up).
     Oom { container_id: String },
+    /// The TCP ports something in the pod VM listens on now (all of them, sorted), sent
+    /// when the set changes: the shim listens on the same ports on localhost of the pod's
+    /// network namespace, where CRI's PortForward dials, and forwards to [`FORWARD_PORT`].
+    Listening { ports: Vec<u16> },
 }
 
 impl GuestEvent {
@@ -211,6 +276,7 @@ mod tests {
         let config = ContainerConfig {
             spec,
             copied: vec![CopiedMount {
+                source: "/var/lib/pod/hosts".into(),
                 destination: "/etc/hosts".into(),
                 entries: vec![CopiedEntry {
                     path: String::new(),
@@ -250,6 +316,24 @@ mod tests {
         assert_eq!(GuestEvent::from_line(&line).unwrap(), e);
         assert!(GuestEvent::from_line("{\"event\":\"reboot\"}").is_err());
         assert!(GuestEvent::from_line("not json").is_err());
+    }
+
+    #[test]
+    fn calls_and_replies_round_trip() {
+        let call = Call::SyncVolume {
+            source: "/var/lib/kubelet/pods/u/volumes/cm".into(),
+            entries: vec![CopiedEntry {
+                path: "..data".into(),
+                mode: 0o777,
+                kind: EntryKind::Symlink("..2026_12_07".into()),
+            }],
+        };
+        assert_eq!(Call::decode(&call.encode().unwrap()).unwrap(), call);
+        let reply = Reply::Data {
+            data: b"done".to_vec(),
+        };
+        assert_eq!(Reply::decode(&reply.encode().unwrap()).unwrap(), reply);
+        assert!(Call::decode(b"{\"call\":\"format_disk\"}").is_err());
     }
 
     #[test]

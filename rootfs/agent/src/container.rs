@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use kestrel_agent_protocol::oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process};
-use kestrel_agent_protocol::{ContainerConfig, CopiedMount, EntryKind, StdioPort, SERIAL_PREFIX};
+use kestrel_agent_protocol::{ContainerConfig, StdioPort, SERIAL_PREFIX};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
@@ -260,7 +260,7 @@ impl Agent {
         let rootfs = dir.join("rootfs");
         fs::create_dir_all(&rootfs).map_err(io_err(format!("create {}", rootfs.display())))?;
         mount_rootfs(rootfs_mount, &rootfs)?;
-        let copied = write_copied(&dir.join("copied"), &config.copied)?;
+        let copied = crate::volumes::place(&dir.join("copied"), &config.copied)?;
         let group = cgroup::path(id);
         fs::create_dir_all(&group).map_err(io_err(format!("create cgroup {}", group.display())))?;
         let spec = config.spec;
@@ -734,46 +734,4 @@ fn mount_rootfs(
         m.type_,
         target.display()
     )))
-}
-
-/// Writes the copied bind-mount sources under `dir`; returns (destination, path) pairs.
-fn write_copied(dir: &Path, copied: &[CopiedMount]) -> Result<Vec<(String, PathBuf)>, AgentError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut out = Vec::new();
-    for (i, m) in copied.iter().enumerate() {
-        let base = dir.join(i.to_string());
-        for e in &m.entries {
-            let rel = Path::new(&e.path);
-            if rel
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-            {
-                return Err(AgentError::Invalid(format!(
-                    "copied path {:?} is not relative",
-                    e.path
-                )));
-            }
-            let path = if e.path.is_empty() {
-                base.clone()
-            } else {
-                base.join(rel)
-            };
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(io_err(format!("create {}", parent.display())))?;
-            }
-            match &e.kind {
-                EntryKind::Dir => fs::create_dir_all(&path),
-                EntryKind::File(data) => fs::write(&path, data),
-                EntryKind::Symlink(to) => std::os::unix::fs::symlink(to, &path),
-            }
-            .map_err(io_err(format!("write {}", path.display())))?;
-            if !matches!(e.kind, EntryKind::Symlink(_)) {
-                fs::set_permissions(&path, fs::Permissions::from_mode(e.mode & 0o7777))
-                    .map_err(io_err(format!("chmod {}", path.display())))?;
-            }
-        }
-        out.push((m.destination.clone(), base));
-    }
-    Ok(out)
 }

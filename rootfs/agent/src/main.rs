@@ -30,11 +30,14 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 mod cgroup;
 mod container;
+mod events;
 mod helper;
 mod oom;
+mod ports;
 mod seccomp;
 mod server;
 mod stdio;
+mod volumes;
 
 use rustix::mount::{mount, MountFlags};
 use rustix::system::{reboot, RebootCommand};

@@ -4,15 +4,14 @@
 //! host at boot ([`EVENTS_PORT`]), which the shim publishes as containerd's TaskOOM.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kestrel_agent_protocol::{GuestEvent, StdioPort, EVENTS_PORT};
+use kestrel_agent_protocol::GuestEvent;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
-use crate::stdio;
+use crate::events::Events;
 
 struct Watched {
     id: String,
@@ -23,7 +22,7 @@ struct Watched {
 pub struct OomWatcher {
     inotify: Inotify,
     watched: Mutex<HashMap<WatchDescriptor, Watched>>,
-    sink: Mutex<Option<File>>,
+    events: Arc<Events>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -40,21 +39,13 @@ pub fn oom_kills(events: &str) -> u64 {
 }
 
 impl OomWatcher {
-    /// Connects the events stream and starts the watching thread.
-    pub fn start() -> io::Result<Arc<OomWatcher>> {
+    /// Starts the watching thread, reporting to `events`.
+    pub fn start(events: Arc<Events>) -> io::Result<Arc<OomWatcher>> {
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
-        let sink = match stdio::connect(StdioPort(EVENTS_PORT)) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                // `kestrel run` and old shims do not listen: events are then not reported.
-                log::debug!("no events stream to the host: {e}");
-                None
-            }
-        };
         let w = Arc::new(OomWatcher {
             inotify,
             watched: Mutex::new(HashMap::new()),
-            sink: Mutex::new(sink),
+            events,
         });
         let thread = w.clone();
         std::thread::Builder::new()
@@ -117,14 +108,7 @@ impl OomWatcher {
     }
 
     fn send(&self, event: GuestEvent) {
-        let Ok(line) = event.to_line() else { return };
-        let mut sink = lock(&self.sink);
-        if let Some(f) = sink.as_mut() {
-            if let Err(e) = f.write_all(line.as_bytes()) {
-                log::warn!("cannot report {event:?}: {e}");
-                *sink = None;
-            }
-        }
+        self.events.send(&event);
     }
 }
 

@@ -2,6 +2,7 @@
 //! port [`AGENT_PORT`], each call mapped onto [`Agent`]. Errors leave with real gRPC codes
 //! so the shim can pass them on to containerd unchanged.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -20,7 +21,9 @@ use kestrel_agent_protocol::protos::protobuf::well_known_types::timestamp::Times
 use kestrel_agent_protocol::protos::protobuf::Message;
 use kestrel_agent_protocol::protos::shim_sync::{create_task, Task};
 use kestrel_agent_protocol::protos::ttrpc::{self, Code, TtrpcContext};
-use kestrel_agent_protocol::{ContainerConfig, StdioPort, AGENT_PORT};
+use kestrel_agent_protocol::{
+    Call, ContainerConfig, Reply, StdioPort, AGENT_PORT, CALL_METHOD, KESTREL_SERVICE,
+};
 use rustix::mount::{mount, MountFlags};
 
 use crate::container::{Agent, AgentError, Exit, StdioRequest};
@@ -233,6 +236,43 @@ impl Task for Service {
     }
 }
 
+/// kestrel's own calls ([`Call`]): JSON in, JSON out.
+struct KestrelCall;
+
+impl KestrelCall {
+    fn call(req: &ttrpc::Request) -> Result<Reply, AgentError> {
+        let call = Call::decode(&req.payload).map_err(|e| AgentError::Invalid(e.to_string()))?;
+        match call {
+            Call::SyncVolume { source, entries } => {
+                crate::volumes::sync(&source, &entries).map(|()| Reply::Done)
+            }
+            Call::ReadVolume { source } => {
+                crate::volumes::read(&source).map(|data| Reply::Data { data })
+            }
+        }
+    }
+}
+
+impl ttrpc::MethodHandler for KestrelCall {
+    fn handler(&self, ctx: TtrpcContext, req: ttrpc::Request) -> ttrpc::Result<()> {
+        let mut res = ttrpc::Response::new();
+        match Self::call(&req)
+            .and_then(|r| r.encode().map_err(|e| AgentError::Invalid(e.to_string())))
+        {
+            Ok(payload) => {
+                res.set_status(ttrpc::get_status(Code::OK, String::new()));
+                res.payload = payload;
+            }
+            Err(e) => {
+                if let ttrpc::Error::RpcStatus(status) = status(e) {
+                    res.set_status(status);
+                }
+            }
+        }
+        ttrpc::response_to_channel(ctx.mh.stream_id, res, ctx.res_tx)
+    }
+}
+
 fn mounted(what: &str, e: rustix::io::Errno) -> Result<(), Error> {
     if e == rustix::io::Errno::BUSY {
         Ok(())
@@ -276,12 +316,13 @@ fn setup_guest() -> Result<(), Error> {
 }
 
 /// The pod's setup from the kernel command line (hostname, network), if this VM is a
-/// pod's. A failure is kept and refuses every container: the shim cannot see the console.
-fn setup_pod() -> Result<(), String> {
+/// pod's (then `true`). A failure is kept and refuses every container: the shim cannot see
+/// the console.
+fn setup_pod() -> Result<bool, String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let pod = match PodConfig::from_cmdline(&cmdline) {
         Ok(Some(pod)) => pod,
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(false),
         Err(e) => return Err(format!("the pod configuration is unreadable: {e}")),
     };
     if !pod.hostname.is_empty() {
@@ -289,7 +330,7 @@ fn setup_pod() -> Result<(), String> {
             .map_err(|e| format!("cannot set the hostname {:?}: {e}", pod.hostname))?;
     }
     let Some(net) = pod.network else {
-        return Ok(());
+        return Ok(true);
     };
     Netlink::open()
         .and_then(|mut nl| nl.apply(&net))
@@ -308,17 +349,26 @@ fn setup_pod() -> Result<(), String> {
         addresses.join(" "),
         net.mac
     );
-    Ok(())
+    Ok(true)
 }
 
 /// Serves until the VM is stopped.
 pub fn serve() -> Result<(), Error> {
     setup_guest()?;
-    let pod_error = setup_pod().err();
-    if let Some(e) = &pod_error {
-        println!("kestrel-agent: {e}");
+    let (in_pod, pod_error) = match setup_pod() {
+        Ok(in_pod) => (in_pod, None),
+        Err(e) => {
+            println!("kestrel-agent: {e}");
+            (true, Some(e))
+        }
+    };
+    let events = crate::events::Events::connect();
+    if in_pod {
+        // CRI's PortForward reaches the pod's ports through the shim.
+        crate::ports::serve().map_err(|e| Error::new("serve port forwarding", e))?;
+        crate::ports::watch(events.clone()).map_err(|e| Error::new("watch the ports", e))?;
     }
-    let oom = match crate::oom::OomWatcher::start() {
+    let oom = match crate::oom::OomWatcher::start(events) {
         Ok(w) => Some(w),
         Err(e) => {
             log::warn!("OOM kills are not reported: {e}");
@@ -334,10 +384,16 @@ pub fn serve() -> Result<(), Error> {
             .map_err(|e| Error::new("start the reaper", e))?;
     }
     let service: Arc<dyn Task + Send + Sync> = Arc::new(Service { agent });
+    let mut kestrel: HashMap<String, Box<dyn ttrpc::MethodHandler + Send + Sync>> = HashMap::new();
+    kestrel.insert(
+        format!("/{KESTREL_SERVICE}/{CALL_METHOD}"),
+        Box::new(KestrelCall),
+    );
     let mut server = ttrpc::Server::new()
         .bind(&format!("vsock://-1:{AGENT_PORT}"))
         .map_err(|e| Error::new(format!("listen on vsock port {AGENT_PORT}"), e))?
         .register_service(create_task(service))
+        .register_service(kestrel)
         .set_thread_count_min(2)
         .set_thread_count_default(4)
         .set_thread_count_max(64);

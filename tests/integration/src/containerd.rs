@@ -630,7 +630,7 @@ fn cni_conflist(dir: &Path) -> String {
     format!(
         r#"{{ "cniVersion": "1.0.0", "name": "kestrel-test",
   "plugins": [ {{ "type": "bridge", "bridge": "kestrelbr0", "isGateway": true, "ipMasq": false,
-                 "ipam": {{ "type": "host-local", "ranges": [[{{"subnet": "10.88.0.0/16"}}]],
+                 "ipam": {{ "type": "host-local", "ranges": [[{{"subnet": "10.88.0.0/16"}}]], "routes": [{{"dst": "0.0.0.0/0"}}],
                            "dataDir": "{}/cni/ipam" }} }} ] }}
 "#,
         dir.display()

@@ -140,6 +140,32 @@ impl Cri {
             .unwrap_or_default()
     }
 
+    /// The sandbox's OCI runtime spec (from the verbose PodSandboxStatus).
+    pub fn pod_spec(&self, pod: &str) -> Option<serde_json::Value> {
+        let mut c = self.client.clone();
+        let req = PodSandboxStatusRequest {
+            pod_sandbox_id: pod.to_string(),
+            verbose: true,
+        };
+        let status = self
+            .call(async move { c.pod_sandbox_status(req).await })
+            .ok()?;
+        let info: serde_json::Value = serde_json::from_str(status.info.get("info")?).ok()?;
+        info.get("runtimeSpec").cloned()
+    }
+
+    /// The path of the pod's network namespace.
+    pub fn pod_netns(&self, pod: &str) -> Option<String> {
+        self.pod_spec(pod)?
+            .pointer("/linux/namespaces")?
+            .as_array()?
+            .iter()
+            .find(|n| n.get("type").and_then(|t| t.as_str()) == Some("network"))?
+            .get("path")?
+            .as_str()
+            .map(str::to_string)
+    }
+
     /// Creates and starts `name` running `command` from `image` in the pod; its log goes to
     /// `<pod log dir>/<name>.log`.
     pub fn start_container(
@@ -149,6 +175,20 @@ impl Cri {
         name: &str,
         image: &str,
         command: &[&str],
+    ) -> Result<String, tonic::Status> {
+        self.start_container_with(pod, pod_config, name, image, command, &[])
+    }
+
+    /// [`Cri::start_container`] with kubelet's volume mounts: (host path, container path,
+    /// read-only).
+    pub fn start_container_with(
+        &self,
+        pod: &str,
+        pod_config: &PodSandboxConfig,
+        name: &str,
+        image: &str,
+        command: &[&str],
+        mounts: &[(&Path, &str, bool)],
     ) -> Result<String, tonic::Status> {
         let mut c = self.client.clone();
         let req = CreateContainerRequest {
@@ -164,6 +204,15 @@ impl Cri {
                 }),
                 command: command.iter().map(|s| s.to_string()).collect(),
                 log_path: format!("{name}.log"),
+                mounts: mounts
+                    .iter()
+                    .map(|(host, container, readonly)| v1::Mount {
+                        host_path: host.display().to_string(),
+                        container_path: container.to_string(),
+                        readonly: *readonly,
+                        ..Default::default()
+                    })
+                    .collect(),
                 ..Default::default()
             }),
             sandbox_config: Some(pod_config.clone()),

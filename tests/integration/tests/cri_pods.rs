@@ -2,6 +2,8 @@
 //! (the `kestrel` runtime handler, a bridge CNI network from Debian's plugins), with a
 //! runc pod on the same bridge (docs/pods.md).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,6 +13,11 @@ use kestrel_integration_tests::images;
 use kestrel_integration_tests::kestrel::{self, unique};
 
 const BUSYBOX: &str = "localhost/busybox:1";
+/// The first container: output on both streams, then a web server on the guest's
+/// loopback only.
+const WEB: &str =
+    "echo hello from web; echo oops >&2; mkdir -p /www; echo pong > /www/index.html; \
+                   exec httpd -f -p 127.0.0.1:8080 -h /www";
 
 fn netns_count() -> usize {
     std::fs::read_dir("/run/netns").map_or(0, |d| d.count())
@@ -24,6 +31,52 @@ fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
             return text;
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `GET /` from localhost:`port` inside the network namespace at `netns`, as containerd's
+/// PortForward dials it (busybox's nc on the host; its wget needs NSS).
+fn http_get_in(netns: &str, port: u16) -> String {
+    use std::io::Write;
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args([
+            "/bin/busybox",
+            "nc",
+            "-w",
+            "5",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A ConfigMap volume as kubelet's atomic writer leaves it: `<version>/key`, `..data` →
+/// `<version>`, `key` → `..data/key`; an update swaps `..data` and drops the old version.
+fn write_configmap(dir: &Path, version: &str, value: &str) {
+    std::fs::create_dir_all(dir.join(version)).unwrap();
+    std::fs::write(dir.join(version).join("key"), value).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if !dir.join("key").exists() {
+        std::os::unix::fs::symlink("..data/key", dir.join("key")).unwrap();
+    }
+    if let Some(old) = old.filter(|o| o != Path::new(version)) {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
     }
 }
 
@@ -69,21 +122,38 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
     assert!(pod_ip.starts_with("10.88."), "pod IP {pod_ip:?}");
     let shim = c.kestrel_shim_pid(&pod).expect("the pod's shim");
 
+    // Volumes as kubelet lays them out: a ConfigMap (atomic writer), an emptyDir both
+    // containers mount, a termination log.
+    let vols = c.dir().join("volumes");
+    let cm = vols.join("cm");
+    write_configmap(&cm, "..2026_01", "one");
+    let empty_dir = vols.join("data");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let term_log = vols.join("termination-log");
+    std::fs::write(&term_log, b"").unwrap();
+
     let web = cri
-        .start_container(
+        .start_container_with(
             &pod,
             &config,
             "web",
             BUSYBOX,
-            &[
-                "sh",
-                "-c",
-                "echo hello from web; echo oops >&2; exec sleep 3600",
-            ],
+            &["sh", "-c", WEB],
+            &[(&cm, "/etc/cfg", true), (&empty_dir, "/data", false)],
         )
         .expect("first container");
     let side = cri
-        .start_container(&pod, &config, "side", BUSYBOX, &["sleep", "3600"])
+        .start_container_with(
+            &pod,
+            &config,
+            "side",
+            BUSYBOX,
+            &["sleep", "3600"],
+            &[
+                (&empty_dir, "/data", false),
+                (&term_log, "/dev/termination-log", false),
+            ],
+        )
         .expect("second container");
     // One shim process serves the pod.
     let shims: Vec<u32> = c
@@ -114,11 +184,17 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
     // ExecSync: output, status; both containers see the pod's address and hostname.
     for id in [&web, &side] {
         let r = cri
-            .exec_sync(id, &["sh", "-c", "hostname; ip -o -4 addr show eth0"], 60)
+            .exec_sync(
+                id,
+                &["sh", "-c", "hostname; ip -o -4 addr show eth0; ip route"],
+                60,
+            )
             .expect("exec");
         assert_eq!(r.exit_code, 0, "{r:?}");
         assert!(r.stdout.starts_with(&format!("{name}\n")), "{r:?}");
         assert!(r.stdout.contains(&format!("inet {pod_ip}/16")), "{r:?}");
+        // CNI's default route, through the bridge's gateway.
+        assert!(r.stdout.contains("default via 10.88.0.1 dev eth0"), "{r:?}");
     }
     let r = cri
         .exec_sync(&side, &["sh", "-c", "echo err >&2; exit 3"], 60)
@@ -143,6 +219,37 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
         .unwrap();
     assert_eq!(r.exit_code, 0, "runc → kestrel {pod_ip}: {r:?}");
 
+    // PortForward: containerd dials localhost:<port> in the pod's netns, which reaches
+    // the server listening on the guest's 127.0.0.1.
+    let netns = cri.pod_netns(&pod).expect("the pod's netns path");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = http_get_in(&netns, 8080);
+        if out.ends_with("\r\n\r\npong\n") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "localhost:8080 in {netns} never answered: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Accounting: the pod VM (the shim process) is in the sandbox's cgroup.
+    let spec = cri.pod_spec(&pod).expect("the sandbox spec");
+    let cgroups_path = spec["linux"]["cgroupsPath"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!cgroups_path.is_empty(), "{spec}");
+    let cgroups = std::fs::read_to_string(format!("/proc/{shim}/cgroup")).unwrap();
+    assert!(
+        cgroups
+            .lines()
+            .any(|l| l.contains(":memory:") && l.ends_with(&cgroups_path)),
+        "{cgroups_path} not in\n{cgroups}"
+    );
+
     // Stats of a container (the CRI plugin decodes cgroup metrics).
     let stats = cri.container_stats(&web).expect("ContainerStats");
     let mem = stats
@@ -151,8 +258,41 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
         .map_or(0, |v| v.value);
     assert!(mem > 0, "{stats:?}");
 
+    // Volumes: the ConfigMap and CRI's own files are there, the emptyDir is shared, a
+    // ConfigMap update arrives, the termination log comes back out.
+    let script = "cat /etc/cfg/key; echo; echo shared > /data/note; \
+                  grep -c nameserver /etc/resolv.conf; cat /etc/hostname";
+    let r = cri.exec_sync(&web, &["sh", "-c", script], 60).unwrap();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("one\n"), "{r:?}");
+    assert!(r.stdout.ends_with(&format!("{name}\n")), "{r:?}");
+    let r = cri.exec_sync(&side, &["cat", "/data/note"], 60).unwrap();
+    assert_eq!(r.stdout, "shared\n", "{r:?}");
+    write_configmap(&cm, "..2026_02", "two");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = cri.exec_sync(&web, &["cat", "/etc/cfg/key"], 60).unwrap();
+        if r.stdout == "two" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ConfigMap update did not arrive: {r:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let r = cri
+        .exec_sync(
+            &side,
+            &["sh", "-c", "echo goodbye > /dev/termination-log"],
+            60,
+        )
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+
     // Stop and remove one container: the other keeps running in the VM.
     cri.stop_container(&side, 0).unwrap();
+    assert_eq!(std::fs::read_to_string(&term_log).unwrap(), "goodbye\n");
     cri.remove_container(&side).unwrap();
     let r = cri.exec_sync(&web, &["true"], 60).unwrap();
     assert_eq!(r.exit_code, 0);
