@@ -192,6 +192,70 @@ impl Joined {
     }
 }
 
+/// The VM's cost as cgroup v2 `Metrics` (what CRI decodes) when no guest cgroup answers
+/// for it — a pod's sandbox task, a VM-image task: the shim process's CPU time (VMM and
+/// vCPU threads) and resident memory (guest RAM it touched plus the VMM's own), with the
+/// guest's RAM as the limit.
+pub fn process_metrics(limit_bytes: u64) -> Result<Any, CgroupError> {
+    use kestrel_agent_protocol::protos::cgroups_v2::metrics as v2;
+    let io = |what, path: &str| {
+        let path = PathBuf::from(path);
+        move |source| CgroupError::Io { what, path, source }
+    };
+    let stat = fs::read_to_string("/proc/self/stat").map_err(io("read", "/proc/self/stat"))?;
+    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(100);
+    let status =
+        fs::read_to_string("/proc/self/status").map_err(io("read", "/proc/self/status"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let metrics = v2::Metrics {
+        cpu: Some(v2::CPUStat {
+            usage_usec: ticks.saturating_mul(1_000_000) / hz,
+            ..Default::default()
+        })
+        .into(),
+        memory: Some(v2::MemoryStat {
+            usage: rss_kib.saturating_mul(1024),
+            usage_limit: limit_bytes,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let value =
+        containerd_shim::protos::protobuf::Message::write_to_bytes(&metrics).map_err(|e| {
+            CgroupError::Io {
+                what: "encode",
+                path: PathBuf::from("metrics"),
+                source: io::Error::other(e),
+            }
+        })?;
+    Ok(Any {
+        type_url: "io.containerd.cgroups.v2.Metrics".into(),
+        value,
+        ..Default::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,68 +321,4 @@ mod tests {
         assert!(!after.contains(&path), "{after}");
         assert!(dirs.iter().all(|d| !d.exists()), "{dirs:?}");
     }
-}
-
-/// The VM's cost as cgroup v2 `Metrics` (what CRI decodes) when no guest cgroup answers
-/// for it — a pod's sandbox task, a VM-image task: the shim process's CPU time (VMM and
-/// vCPU threads) and resident memory (guest RAM it touched plus the VMM's own), with the
-/// guest's RAM as the limit.
-pub fn process_metrics(limit_bytes: u64) -> Result<Any, CgroupError> {
-    use kestrel_agent_protocol::protos::cgroups_v2::metrics as v2;
-    let io = |what, path: &str| {
-        let path = PathBuf::from(path);
-        move |source| CgroupError::Io { what, path, source }
-    };
-    let stat = fs::read_to_string("/proc/self/stat").map_err(io("read", "/proc/self/stat"))?;
-    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
-    let ticks: u64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|v| v.parse::<u64>().ok())
-                .sum()
-        })
-        .unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|v| u64::try_from(v).ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(100);
-    let status =
-        fs::read_to_string("/proc/self/status").map_err(io("read", "/proc/self/status"))?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let metrics = v2::Metrics {
-        cpu: Some(v2::CPUStat {
-            usage_usec: ticks.saturating_mul(1_000_000) / hz,
-            ..Default::default()
-        })
-        .into(),
-        memory: Some(v2::MemoryStat {
-            usage: rss_kib.saturating_mul(1024),
-            usage_limit: limit_bytes,
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
-    };
-    let value =
-        containerd_shim::protos::protobuf::Message::write_to_bytes(&metrics).map_err(|e| {
-            CgroupError::Io {
-                what: "encode",
-                path: PathBuf::from("metrics"),
-                source: io::Error::other(e),
-            }
-        })?;
-    Ok(Any {
-        type_url: "io.containerd.cgroups.v2.Metrics".into(),
-        value,
-        ..Default::default()
-    })
 }
