@@ -137,6 +137,7 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
                 TapSource::Name(n.tap)
             },
             mac,
+            dhcp: None,
         });
     }
     config.vsock = run.vsock.map(|v| VsockConfig {

@@ -6,8 +6,9 @@
 //!
 //! [`write_seed_image`] writes a 2 MiB FAT12 filesystem (no partition table) whose
 //! volume label is `CIDATA` (cloud-init looks for the label `cidata`, case-insensitively)
-//! and whose root directory holds exactly two files, `meta-data` and `user-data`, with
-//! VFAT long names (8.3 aliases `META-D~1` and `USER-D~1`). No external tool is run.
+//! and whose root directory holds two files, `meta-data` and `user-data`, with VFAT long
+//! names (8.3 aliases `META-D~1` and `USER-D~1`), and a third, `network-config`, when
+//! [`Seed::network_config`] is given. No external tool is run.
 //!
 //! # `meta-data`
 //!
@@ -120,6 +121,10 @@ pub struct Seed {
     /// More user data (a `#cloud-config`, a `#!` script, a MIME message, ...) to run
     /// alongside; see the module documentation for how it is combined.
     pub extra_user_data: Option<String>,
+    /// cloud-init's `network-config` (network configuration version 2, YAML), written as a
+    /// third file when given: a VM image on a pod network gets the pod's address this way
+    /// too, not only by DHCP.
+    pub network_config: Option<String>,
 }
 
 /// Why a seed could not be built or written.
@@ -459,20 +464,23 @@ pub fn build_seed_image(seed: &Seed) -> Result<Vec<u8>, SeedError> {
         .get_mut(..VOLUME_LABEL.len())
         .ok_or(SeedError::Layout { offset: 0 })?
         .copy_from_slice(VOLUME_LABEL.as_bytes());
-    fat::build(
-        &label,
-        fnv1a(seed.instance_id.as_bytes()),
-        &[
-            fat::File {
-                name: "meta-data",
-                data: meta.as_bytes(),
-            },
-            fat::File {
-                name: "user-data",
-                data: user.as_bytes(),
-            },
-        ],
-    )
+    let mut files = vec![
+        fat::File {
+            name: "meta-data",
+            data: meta.as_bytes(),
+        },
+        fat::File {
+            name: "user-data",
+            data: user.as_bytes(),
+        },
+    ];
+    if let Some(net) = seed.network_config.as_deref() {
+        files.push(fat::File {
+            name: "network-config",
+            data: net.as_bytes(),
+        });
+    }
+    fat::build(&label, fnv1a(seed.instance_id.as_bytes()), &files)
 }
 
 /// Writes the seed image to `path`: first to a temporary file in the same directory,

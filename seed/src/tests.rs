@@ -12,6 +12,7 @@ fn seed(env: &[(&str, &str)]) -> Seed {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         extra_user_data: None,
+        network_config: None,
     }
 }
 
@@ -551,4 +552,21 @@ fn write_is_atomic_and_leaves_no_temporary_files() {
     assert!(err.to_string().contains("missing"), "{err}");
     assert!(std::error::Error::source(&err).is_some());
     fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn network_config_is_a_third_file() {
+    let net =
+        "version: 2\nethernets:\n  pod:\n    match:\n      macaddress: \"0a:58:0a:58:00:07\"\n";
+    let s = Seed {
+        network_config: Some(net.to_string()),
+        ..seed(&[("A", "b")])
+    };
+    let img = build_seed_image(&s).unwrap();
+    let (_, _, files) = read_image(&img);
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["meta-data", "user-data", "network-config"]);
+    assert_eq!(files[2].1, net.as_bytes());
+    let without = build_seed_image(&seed(&[("A", "b")])).unwrap();
+    assert_eq!(read_image(&without).2.len(), 2);
 }

@@ -106,6 +106,7 @@ fn tricky_seed() -> Seed {
         hostname: "vm-0.kestrel.test".into(),
         env: tricky_env(),
         extra_user_data: None,
+        network_config: None,
     }
 }
 
@@ -418,6 +419,7 @@ fn cloud_init_merges_extra_user_data() {
     ] {
         let seed = Seed {
             extra_user_data: Some(extra.to_owned()),
+            network_config: None,
             ..tricky_seed()
         };
         let work = dir.join(name);

@@ -284,6 +284,7 @@ impl AgentVm {
             config.nets.push(NetConfig {
                 tap: TapSource::Fd(tap),
                 mac: Some(mac),
+                dhcp: None,
             });
         }
         config.vsock = Some(VsockConfig {

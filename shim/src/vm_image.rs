@@ -208,6 +208,7 @@ pub fn prepare_task(
         hostname: vm.hostname.clone(),
         env: vm.env.clone(),
         extra_user_data: None,
+        network_config: None,
     };
     kestrel_seed::write_seed_image(&seed, &seed_path).map_err(|e| {
         let code = match e {

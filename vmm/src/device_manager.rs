@@ -9,7 +9,9 @@ use devices::bus::{Bus, BusError};
 use devices::disk::DiskBackend;
 use devices::irq::{EventFdIrq, IrqLine};
 use devices::virtio::block::{Block, BlockError, BlockMetrics};
-use devices::virtio::net::{MacAddr, Net, NetError, NetMetrics, Tap, TapError};
+use devices::virtio::net::{
+    DhcpBackend, DhcpConfig, MacAddr, Net, NetBackend, NetError, NetMetrics, Tap, TapError,
+};
 use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::vsock::{Vsock, VsockError, VsockMetrics};
 use devices::virtio::{
@@ -46,6 +48,9 @@ pub struct NetConfig {
     pub tap: TapSource,
     /// The guest's MAC address (default: chosen by the guest driver).
     pub mac: Option<MacAddr>,
+    /// Answer the guest's DHCP requests in the device with this configuration (a VM image
+    /// on a pod network); they never reach the tap.
+    pub dhcp: Option<DhcpConfig>,
 }
 
 /// The guest's vsock device, in Firecracker's hybrid model: host clients connect to
@@ -157,8 +162,12 @@ impl DeviceManager {
             TapSource::Fd(fd) => Tap::from_fd(fd),
         }
         .map_err(|source| DeviceError::Tap { index, source })?;
-        let device = Net::new(Box::new(tap), net.mac)
-            .map_err(|source| DeviceError::Net { index, source })?;
+        let backend: Box<dyn NetBackend> = match net.dhcp {
+            Some(config) => Box::new(DhcpBackend::new(Box::new(tap), config)),
+            None => Box::new(tap),
+        };
+        let device =
+            Net::new(backend, net.mac).map_err(|source| DeviceError::Net { index, source })?;
         self.net_metrics.push(device.metrics());
         let device = Arc::new(Mutex::new(device));
         self.add_virtio(vm, mmio, manager, device.clone(), device)

@@ -23,6 +23,7 @@ pub mod vstate;
 pub use builder::{start_vm, BuildVmError, VmmHandle};
 pub use config::{VmConfig, DEFAULT_CMDLINE};
 pub use device_manager::{DeviceMetrics, DiskConfig, NetConfig, TapSource, VsockConfig};
+pub use devices::virtio::net::{DhcpConfig, MacAddr};
 pub use exit::VmExit;
 pub use vmm_thread::{ControlError, ControlSender, VmAction};
 

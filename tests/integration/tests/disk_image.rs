@@ -122,6 +122,7 @@ fn make_seed(path: &Path, instance: &str, env: &[(&str, &str)]) {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         extra_user_data: None,
+        network_config: None,
     };
     write_seed_image(&seed, path).unwrap();
 }

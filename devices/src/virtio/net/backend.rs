@@ -21,4 +21,11 @@ pub trait NetBackend: AsRawFd + Send {
 
     /// Tells the host which offloads the reader accepts (`TUN_F_*` bits, `TUNSETOFFLOAD`).
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+
+    /// Frames are waiting that the fd's readiness does not announce (answers the backend
+    /// makes itself, see [`DhcpBackend`](super::dhcp::DhcpBackend)): the device reads them
+    /// after each TX pass.
+    fn has_pending(&self) -> bool {
+        false
+    }
 }

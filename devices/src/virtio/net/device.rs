@@ -395,8 +395,16 @@ impl Net {
     }
 
     /// Sends every chain the driver queued on TX (at most [`TX_BUDGET`] per call, then the
-    /// device notifies itself to continue after other events).
+    /// device notifies itself to continue after other events); then delivers what the
+    /// backend answered itself ([`NetBackend::has_pending`]).
     pub(super) fn process_tx(&mut self) {
+        self.transmit_queued();
+        if self.backend.has_pending() {
+            self.process_rx();
+        }
+    }
+
+    fn transmit_queued(&mut self) {
         let Net {
             backend,
             active,

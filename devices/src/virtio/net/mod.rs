@@ -6,6 +6,7 @@
 //!   watches the two queue EventFds and the backend's fd.
 //! - [`chain`]: pure parsing of TX chains and RX buffers, and the placement of received frames.
 //! - [`backend`]: the [`NetBackend`] trait the device reads and writes frames through.
+//! - [`dhcp`]: a DHCP server as a backend wrapper, for VM images on a pod network.
 //! - [`tap`]: the Linux tap backend (the only `unsafe` of this crate).
 //! - [`metrics`]: counters readable without the device lock.
 //!
@@ -38,6 +39,7 @@
 pub mod backend;
 pub mod chain;
 pub mod device;
+pub mod dhcp;
 pub mod event_handler;
 pub mod metrics;
 pub mod tap;
@@ -47,6 +49,7 @@ mod tests;
 
 pub use backend::NetBackend;
 pub use device::{tap_offload_flags, MacAddr, Net, NetError};
+pub use dhcp::{DhcpBackend, DhcpConfig};
 pub use metrics::{NetMetrics, NetMetricsSnapshot};
 pub use tap::{Tap, TapError};
 

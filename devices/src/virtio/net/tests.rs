@@ -893,3 +893,47 @@ fn tx_yields_to_the_event_loop_after_its_budget() {
         n as u64
     );
 }
+
+#[test]
+fn dhcp_requests_are_answered_by_the_device_and_never_reach_the_tap() {
+    use super::dhcp::{test_discover, DhcpBackend, DhcpConfig, SERVER_MAC};
+    let backend = MemBackend::new();
+    let config = DhcpConfig {
+        client_mac: MAC.0,
+        address: std::net::Ipv4Addr::new(10, 88, 0, 9),
+        prefix: 16,
+        gateway: Some(std::net::Ipv4Addr::new(10, 88, 0, 1)),
+        routes: vec![],
+        dns: vec![],
+        domain: None,
+        hostname: None,
+        mtu: None,
+        server: std::net::Ipv4Addr::new(10, 88, 0, 1),
+        lease_secs: 3600,
+    };
+    let mut vmm = TestVmm::new();
+    let dhcp = DhcpBackend::new(Box::new(backend.clone()), config);
+    let _slot = add_net(&mut vmm, Net::new(Box::new(dhcp), Some(MAC)).unwrap());
+    let mem = vmm.mem.clone();
+    let mut d = NetDriver::new(&mem, 0);
+    d.probe(&mut vmm, ALL);
+    let bufs = d.post_rx(2, 2048);
+    d.notify_rx(&vmm);
+    vmm.run();
+
+    d.queue_tx([0; VNET_HDR_LEN], &test_discover(MAC.0));
+    d.queue_tx([0; VNET_HDR_LEN], &frame(60, 1));
+    d.notify_tx(&vmm);
+    vmm.run();
+    assert_eq!(d.tx.take_used().len(), 2);
+    // Only the ordinary frame went to the tap; the offer arrived on RX at once.
+    assert_eq!(backend.state().from_guest.len(), 1);
+    let used = d.rx.take_used();
+    assert_eq!(used.len(), 1, "{used:?}");
+    assert_eq!(used[0].0, u32::from(bufs[0].0));
+    let got = read(&mem, bufs[0].1, used[0].1 as usize);
+    assert_eq!(&got[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12], &SERVER_MAC);
+    // yiaddr in the BOOTP reply.
+    let yiaddr = VNET_HDR_LEN + 14 + 28 + 16;
+    assert_eq!(&got[yiaddr..yiaddr + 4], &[10, 88, 0, 9]);
+}
