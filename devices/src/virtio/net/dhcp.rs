@@ -72,7 +72,7 @@ struct Request<'a> {
     options: &'a [u8],
 }
 
-fn option<'a>(options: &'a [u8], code: u8) -> Option<&'a [u8]> {
+fn option(options: &[u8], code: u8) -> Option<&[u8]> {
     let mut at = 0;
     while at < options.len() {
         let c = *options.get(at)?;
@@ -199,19 +199,20 @@ pub fn reply(cfg: &DhcpConfig, frame: &[u8]) -> Option<Vec<u8>> {
         _ => return None,
     };
 
-    let mut bootp = vec![0u8; BOOTP_LEN];
-    bootp[0] = 2; // BOOTREPLY
-    bootp[1] = 1;
-    bootp[2] = 6;
-    bootp[4..8].copy_from_slice(&req.xid);
-    bootp[10..12].copy_from_slice(&req.flags);
+    let mut fixed = [0u8; BOOTP_LEN];
+    fixed[0] = 2; // BOOTREPLY
+    fixed[1] = 1;
+    fixed[2] = 6;
+    fixed[4..8].copy_from_slice(&req.xid);
+    fixed[10..12].copy_from_slice(&req.flags);
     if req.kind == INFORM {
-        bootp[12..16].copy_from_slice(&req.ciaddr);
+        fixed[12..16].copy_from_slice(&req.ciaddr);
     } else if kind != NAK {
-        bootp[16..20].copy_from_slice(&cfg.address.octets());
+        fixed[16..20].copy_from_slice(&cfg.address.octets());
     }
-    bootp[20..24].copy_from_slice(&cfg.server.octets());
-    bootp[28..34].copy_from_slice(&req.chaddr);
+    fixed[20..24].copy_from_slice(&cfg.server.octets());
+    fixed[28..34].copy_from_slice(&req.chaddr);
+    let mut bootp = fixed.to_vec();
     bootp.extend_from_slice(&MAGIC);
     push_option(&mut bootp, 53, &[kind]);
     push_option(&mut bootp, 54, &cfg.server.octets());
