@@ -20,13 +20,10 @@ use containerd_shim::protos::events::task::TaskOOM;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::ttrpc::Code;
 use devices::disk::EmptyDisk;
-use devices::virtio::net::MacAddr;
-use kestrel_agent_protocol::netlink;
 use kestrel_agent_protocol::pod::PodConfig;
 use kestrel_agent_protocol::GuestEvent;
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
-use vmm::{DiskConfig, VmExit};
+use vmm::{DiskConfig, NetConfig, TapSource};
 
 use crate::agent::{AgentVm, BootSpec};
 use crate::cgroups;
@@ -35,10 +32,11 @@ use crate::forward::PortForwarder;
 use crate::guest::{Guest, GuestError, NewContainer, NewExec};
 use crate::hooks;
 use crate::netns::{self, NetnsThread};
+use crate::pod::{self, PodPlan, PodVm, Sandbox};
 use crate::podnet;
 use crate::rootfs::{self, PreparedRootfs};
 use crate::spec;
-use crate::vm_image::{self, ImageError, StateDirs, VmImageTask};
+use crate::vm_image::{self, ImageError, PodSeed, StateDirs, VmImageTask};
 use crate::volumes::{self, HostCopy};
 
 /// Starts a thread in the network namespace at `path` (a new one for `None`).
@@ -47,6 +45,15 @@ async fn start_netns(path: Option<PathBuf>) -> Result<NetnsThread, GuestError> {
         .await
         .map_err(|e| host_err("start the network namespace thread", Code::INTERNAL)(Box::new(e)))?
         .map_err(|e| GuestError::host("set up the network namespace", Code::INTERNAL, e))
+}
+
+/// The host file the spec bind-mounts at `/etc/resolv.conf` (CRI's, for the pod).
+fn resolv_conf_source(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .find(|m| m.destination() == Path::new("/etc/resolv.conf"))
+        .and_then(|m| m.source().clone())
 }
 
 /// Where the shim keeps its VM's sockets.
@@ -60,34 +67,8 @@ enum Kind {
         vm: Arc<AgentVm>,
         owns_vm: bool,
     },
-    /// A pod's sandbox task: the VM itself (no pause process runs in it).
+    /// A pod's sandbox task (no pause process runs; see [`crate::pod`]).
     Sandbox(Arc<Sandbox>),
-}
-
-/// The pod VM as a task: "running" until it is killed or the VM stops.
-struct Sandbox {
-    vm: Arc<AgentVm>,
-    memory_bytes: u64,
-    /// The shim process in the sandbox's cgroup (left when the pod is deleted).
-    cgroup: Mutex<Option<cgroups::Joined>>,
-    /// The exit status once killed (128 + signal).
-    killed: watch::Sender<Option<u32>>,
-}
-
-impl Sandbox {
-    async fn wait(&self) -> u32 {
-        let mut killed = self.killed.subscribe();
-        tokio::select! {
-            status = killed.wait_for(Option::is_some) => {
-                status.ok().and_then(|s| *s).unwrap_or(128 + libc::SIGKILL as u32)
-            }
-            exit = self.vm.wait_ended() => match exit {
-                VmExit::Exited(status) => u32::from(status),
-                VmExit::Stopped | VmExit::Reset => 128 + libc::SIGKILL as u32,
-                _ => 255,
-            },
-        }
-    }
 }
 
 struct Entry {
@@ -99,6 +80,8 @@ struct Entry {
     /// The host thread in the container's network namespace, whose tid the hooks get as
     /// the container's pid (a pod's: the sandbox task's pid).
     netns: Option<Arc<NetnsThread>>,
+    /// The pod of a pod's container.
+    pod: Option<Arc<Sandbox>>,
 }
 
 enum Prepared {
@@ -225,6 +208,7 @@ impl Host {
                 bundle: c.bundle.clone(),
                 pid,
                 netns,
+                pod: None,
             },
         );
     }
@@ -246,15 +230,24 @@ impl Host {
         Ok(())
     }
 
-    /// Mounts the rootfs, prepares the container on the blocking pool, unmounts.
-    async fn prepare(&self, c: &NewContainer) -> Result<Prepared, GuestError> {
+    /// Mounts the rootfs, prepares the container on the blocking pool, unmounts. A VM
+    /// image in a pod gets `pod`'s hostname and network in its seed, and the pod's volumes.
+    async fn prepare(
+        &self,
+        c: &NewContainer,
+        pod: Option<PodSeed>,
+    ) -> Result<Prepared, GuestError> {
         let since = Instant::now();
-        let prepared = self.prepare_in(c).await;
+        let prepared = self.prepare_in(c, pod).await;
         log_timing(&c.id, "prepare", since);
         prepared
     }
 
-    async fn prepare_in(&self, c: &NewContainer) -> Result<Prepared, GuestError> {
+    async fn prepare_in(
+        &self,
+        c: &NewContainer,
+        pod: Option<PodSeed>,
+    ) -> Result<Prepared, GuestError> {
         let mounted = !c.rootfs.is_empty();
         let tree = rootfs_tree(c, mounted);
         if mounted {
@@ -275,7 +268,14 @@ impl Host {
         let (dirs, ns, c2) = (self.dirs.clone(), self.namespace.clone(), c.clone());
         let prepared = tokio::task::spawn_blocking(move || {
             let result = match vm_image::find_disk(&tree) {
-                Ok(disk) => vm_image::prepare_task(&dirs, &ns, &c2, &disk).map(Prepared::VmImage),
+                Ok(disk) => {
+                    let pod = pod.map(|mut p| {
+                        p.user_data = pod::write_files(&volumes::copy_bind_sources(&c2.spec));
+                        p
+                    });
+                    vm_image::prepare_task(&dirs, &ns, &c2, &disk, pod.as_ref())
+                        .map(Prepared::VmImage)
+                }
                 Err(ImageError::NoDisk) => rootfs::prepare(&dirs, &c2.rootfs, &tree, &ns, &c2.id)
                     .map(|r| Prepared::Container(r, volumes::copy_bind_sources(&c2.spec)))
                     .map_err(|e| {
@@ -379,9 +379,9 @@ impl Host {
         })
     }
 
-    /// The pod's VM, as its sandbox task: a thread in the pod netns (its tid is the task's
-    /// pid), the tap wired to the pod's veth, empty container slots, the pod's hostname
-    /// and network for the agent.
+    /// The pod's sandbox task: the shim joins the sandbox's cgroup, a thread parks in the
+    /// pod netns (its tid is the task's pid) and a tap is wired to the pod's veth. The VM
+    /// comes with the first container ([`crate::pod`]).
     async fn create_sandbox(&self, c: &NewContainer) -> Result<u32, GuestError> {
         let invalid = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| GuestError::Host {
             what: what.to_string(),
@@ -400,7 +400,6 @@ impl Host {
             .entries()
             .values()
             .any(|e| !matches!(e.kind, Kind::VmImage(_)))
-            || self.booting.swap(true, Ordering::SeqCst)
         {
             return Err(GuestError::Host {
                 what: "run the pod".into(),
@@ -408,50 +407,46 @@ impl Host {
                 source: "this shim already runs a VM".into(),
             });
         }
-        let result = self.boot_sandbox(c, vm, slots, path).await;
-        self.booting.store(false, Ordering::SeqCst);
-        result
-    }
-
-    async fn boot_sandbox(
-        &self,
-        c: &NewContainer,
-        vm: spec::ContainerVm,
-        slots: usize,
-        path: Option<PathBuf>,
-    ) -> Result<u32, GuestError> {
-        // The pod's accounting: everything the VM allocates from now on is charged to the
-        // sandbox's cgroup.
-        let cgroup = match c
+        let cgroups_path = c
             .spec
             .linux()
             .as_ref()
             .and_then(|l| l.cgroups_path().clone())
-        {
-            Some(path) => {
-                let path = path.to_string_lossy().into_owned();
-                let joined = tokio::task::spawn_blocking(move || cgroups::join(&path))
-                    .await
-                    .map_err(|e| {
-                        host_err("join the sandbox's cgroup", Code::INTERNAL)(Box::new(e))
-                    })?
-                    .map_err(|e| {
-                        GuestError::host("join the sandbox's cgroup", Code::INVALID_ARGUMENT, e)
-                    })?;
-                Some(joined)
-            }
-            None => None,
+            .map(|p| p.to_string_lossy().into_owned());
+        let resolv = resolv_conf_source(&c.spec);
+        let (cgroup, dns) = tokio::task::spawn_blocking(move || {
+            let dns = resolv
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(|t| pod::Dns::parse(&t))
+                .unwrap_or_default();
+            cgroups_path
+                .map(|p| cgroups::join(&p))
+                .transpose()
+                .map(|j| (j, dns))
+        })
+        .await
+        .map_err(|e| host_err("join the sandbox's cgroup", Code::INTERNAL)(Box::new(e)))?
+        .map_err(|e| GuestError::host("join the sandbox's cgroup", Code::INVALID_ARGUMENT, e))?;
+        let plan = PodPlan {
+            vm,
+            slots,
+            hostname: c.spec.hostname().clone().unwrap_or_default(),
+            dns,
         };
-        let memory_mib = vm.memory_mib;
-        match self.boot_pod_vm(c, vm, slots, path).await {
-            Ok((agent, netns)) => {
+        match self.wire_pod(path).await {
+            Ok((netns, attached)) => {
                 let pid = netns.tid();
-                let sandbox = Sandbox {
-                    vm: agent,
-                    memory_bytes: memory_mib << 20,
-                    cgroup: Mutex::new(cgroup),
-                    killed: watch::channel(None).0,
-                };
+                log::info!(
+                    "task {}: pod sandbox, {}; its first container boots the VM",
+                    c.id,
+                    attached
+                        .as_ref()
+                        .map_or("no network".to_string(), |a| format!(
+                            "pod network on {}",
+                            a.tap_name
+                        ))
+                );
+                let sandbox = Sandbox::new(plan, netns.clone(), attached, cgroup);
                 self.insert(c, Kind::Sandbox(Arc::new(sandbox)), pid, Some(netns));
                 Ok(pid)
             }
@@ -464,14 +459,11 @@ impl Host {
         }
     }
 
-    /// The pod netns thread, the tap, and the VM booted on them.
-    async fn boot_pod_vm(
+    /// The pod netns thread and the tap wired to the pod's veth.
+    async fn wire_pod(
         &self,
-        c: &NewContainer,
-        vm: spec::ContainerVm,
-        slots: usize,
         path: Option<PathBuf>,
-    ) -> Result<(Arc<AgentVm>, Arc<NetnsThread>), GuestError> {
+    ) -> Result<(Arc<NetnsThread>, Option<podnet::Attached>), GuestError> {
         let netns = Arc::new(start_netns(path).await?);
         let attached = {
             let netns = netns.clone();
@@ -480,33 +472,28 @@ impl Host {
                 .map_err(|e| host_err("wire the pod network", Code::INTERNAL)(Box::new(e)))?
                 .map_err(|e| GuestError::host("wire the pod network", Code::INTERNAL, e))?
         };
-        let forwarder = PortForwarder::new(netns.clone(), self.run_dir.join("vsock"));
-        let mut pod = PodConfig {
-            hostname: c.spec.hostname().clone().unwrap_or_default(),
-            network: None,
-        };
-        let mut net = None;
-        let mut tap_name = None;
-        if let Some(a) = attached {
-            tap_name = Some(a.tap_name.clone());
-            let mac = netlink::parse_mac(&a.network.mac)
-                .map_err(|e| GuestError::host("wire the pod network", Code::INTERNAL, e))?;
-            net = Some((a.tap, MacAddr(mac)));
-            pod.network = Some(a.network);
-        }
+        Ok((netns, attached))
+    }
+
+    /// Boots the agent VM of the pod, with empty container slots, on the pod's tap.
+    async fn boot_pod_vm(&self, sandbox: &Sandbox, task: &str) -> Result<Arc<AgentVm>, GuestError> {
+        let plan = &sandbox.plan;
+        let net = sandbox
+            .tap_for_vm()
+            .map_err(|e| GuestError::host("give the VM the pod's tap", Code::INTERNAL, e))?;
+        let forwarder = PortForwarder::new(sandbox.netns.clone(), self.run_dir.join("vsock"));
         log::info!(
-            "task {}: pod VM, {} vCPU(s), {} MiB, {slots} container slot(s), {}",
-            c.id,
-            vm.cpus,
-            vm.memory_mib,
-            tap_name.map_or("no network".to_string(), |t| format!("pod network on {t}"))
+            "task {task}: pod VM, {} vCPU(s), {} MiB, {} container slot(s)",
+            plan.vm.cpus,
+            plan.vm.memory_mib,
+            plan.slots
         );
-        let agent = AgentVm::boot(BootSpec {
-            task: c.id.clone(),
-            vcpus: vm.cpus,
-            memory_mib: vm.memory_mib,
-            extra_cmdline: vm.extra_cmdline,
-            slots: (0..slots)
+        AgentVm::boot(BootSpec {
+            task: task.to_string(),
+            vcpus: plan.vm.cpus,
+            memory_mib: plan.vm.memory_mib,
+            extra_cmdline: plan.vm.extra_cmdline.clone(),
+            slots: (0..plan.slots)
                 .map(|_| {
                     let empty = DiskConfig {
                         backend: Box::new(EmptyDisk),
@@ -516,16 +503,19 @@ impl Host {
                 })
                 .collect(),
             net,
-            pod: Some(pod),
+            pod: Some(PodConfig {
+                hostname: plan.hostname.clone(),
+                network: sandbox.network.clone(),
+            }),
             dir: self.run_dir.clone(),
-            agent_timeout: Duration::from_secs(vm.agent_timeout_secs),
+            agent_timeout: Duration::from_secs(plan.vm.agent_timeout_secs),
             on_event: self.on_event(Some(forwarder)),
         })
-        .await?;
-        Ok((agent, netns))
+        .await
     }
 
-    /// An app container of the pod: its root disk goes into a free slot of the running VM.
+    /// A container of the pod: the first one boots the pod's VM — the agent VM, whose
+    /// free slot then takes its root disk, or, for a VM image, the image itself.
     async fn create_in_pod(&self, c: &NewContainer, sandbox_id: &str) -> Result<u32, GuestError> {
         let Some(sandbox) = self.sandbox(sandbox_id) else {
             return Err(GuestError::Host {
@@ -534,30 +524,77 @@ impl Host {
                 source: "the pod's sandbox task is not in this shim".into(),
             });
         };
-        let (root, copied) = match self.prepare(c).await? {
-            Prepared::Container(root, copied) => (root, copied),
-            Prepared::VmImage(_) => {
-                return Err(GuestError::Unsupported(
-                    "a VM image as a container of a pod",
-                    "this kestrel version",
-                ))
-            }
+        let seed = PodSeed {
+            hostname: sandbox.plan.hostname.clone(),
+            network_config: sandbox
+                .network
+                .as_ref()
+                .map(|n| pod::network_config(n, &sandbox.plan.dns)),
+            user_data: None,
         };
-        let vm = sandbox.vm.clone();
-        let size = root.disk.size();
-        let serial = vm.attach_disk(&c.id, root.disk).await?;
-        let since = Instant::now();
-        match vm.create(c, &serial, size, copied).await {
-            Ok(pid) => {
-                log_timing(&c.id, "create", since);
-                self.insert(c, Kind::Container { vm, owns_vm: false }, pid, None);
+        let prepared = self.prepare(c, Some(seed)).await?;
+        let only_one = || GuestError::Host {
+            what: format!("add container {} to pod {sandbox_id}", c.id),
+            code: Code::FAILED_PRECONDITION,
+            source: "a pod whose VM is a VM image holds that one container".into(),
+        };
+        let mut pod_vm = sandbox.vm.lock().await;
+        let result = match prepared {
+            Prepared::VmImage(task) => {
+                if pod_vm.is_some() {
+                    return Err(only_one());
+                }
+                let tap = sandbox.tap_for_vm().map_err(|e| {
+                    GuestError::host("give the VM the pod's tap", Code::INTERNAL, e)
+                })?;
+                if let (Some((fd, mac)), Some(net)) = (tap, sandbox.network.as_ref()) {
+                    task.attach_net(NetConfig {
+                        tap: TapSource::Fd(fd),
+                        mac: Some(mac),
+                        dhcp: pod::dhcp_config(net, &sandbox.plan.hostname, &sandbox.plan.dns),
+                    })?;
+                }
+                log::info!("task {}: a VM image is the VM of pod {sandbox_id}", c.id);
+                let task = Arc::new(task);
+                *pod_vm = Some(PodVm::Image(task.clone()));
+                // The VM runs in this process: its pid is the task's.
+                let pid = std::process::id();
+                self.insert(c, Kind::VmImage(task), pid, None);
                 Ok(pid)
             }
-            Err(e) => {
-                vm.detach_disk(&c.id).await;
-                Err(e)
+            Prepared::Container(root, copied) => {
+                let vm = match &*pod_vm {
+                    Some(PodVm::Agent(vm)) => vm.clone(),
+                    Some(PodVm::Image(_)) => return Err(only_one()),
+                    None => {
+                        let vm = self.boot_pod_vm(&sandbox, &c.id).await?;
+                        sandbox.booted(&vm);
+                        *pod_vm = Some(PodVm::Agent(vm.clone()));
+                        vm
+                    }
+                };
+                let size = root.disk.size();
+                let serial = vm.attach_disk(&c.id, root.disk).await?;
+                let since = Instant::now();
+                match vm.create(c, &serial, size, copied).await {
+                    Ok(pid) => {
+                        log_timing(&c.id, "create", since);
+                        self.insert(c, Kind::Container { vm, owns_vm: false }, pid, None);
+                        Ok(pid)
+                    }
+                    Err(e) => {
+                        vm.detach_disk(&c.id).await;
+                        Err(e)
+                    }
+                }
+            }
+        };
+        if result.is_ok() {
+            if let Some(e) = self.entries().get_mut(&c.id) {
+                e.pod = Some(sandbox.clone());
             }
         }
+        result
     }
 
     async fn create_container(
@@ -597,6 +634,13 @@ impl Host {
     /// Drops container `id` from the guest (the VM with its last container).
     async fn forget(&self, id: &str) -> Result<(), GuestError> {
         let entry = self.entries().remove(id);
+        if let Some(pod) = entry.as_ref().and_then(|e| e.pod.as_ref()) {
+            // A VM image was the pod's VM: the pod may get a new one (a restart).
+            let mut vm = pod.vm.lock().await;
+            if matches!(&*vm, Some(PodVm::Image(_))) {
+                *vm = None;
+            }
+        }
         match entry.map(|e| e.kind) {
             Some(Kind::Container { vm, owns_vm }) => {
                 if vm.ended().is_some() {
@@ -612,15 +656,7 @@ impl Host {
                 deleted
             }
             Some(Kind::Sandbox(sandbox)) => {
-                sandbox.vm.shutdown().await;
-                let cgroup = sandbox
-                    .cgroup
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                if let Some(j) = cgroup {
-                    let _ = tokio::task::spawn_blocking(move || j.leave()).await;
-                }
+                sandbox.end().await;
                 Ok(())
             }
             Some(Kind::VmImage(task)) => task.kill(id, libc::SIGKILL as u32).await.or(Ok(())),
@@ -636,7 +672,7 @@ impl Guest for Host {
         let result = match &role {
             spec::Role::Sandbox => self.create_sandbox(c).await,
             spec::Role::PodContainer { sandbox } => self.create_in_pod(c, sandbox).await,
-            spec::Role::Lone => match self.prepare(c).await {
+            spec::Role::Lone => match self.prepare(c, None).await {
                 Ok(Prepared::VmImage(task)) => {
                     // The VM runs in this process: its pid is the task's.
                     let pid = std::process::id();
@@ -709,15 +745,7 @@ impl Guest for Host {
             return task.kill(id, signal).await;
         }
         if let Some(sandbox) = self.sandbox(id).filter(|_| exec.is_empty()) {
-            // Any signal ends the pod's VM, so its tap is gone before CNI DEL runs.
-            sandbox.killed.send_if_modified(|k| {
-                let first = k.is_none();
-                if first {
-                    *k = Some(128 + signal);
-                }
-                first
-            });
-            sandbox.vm.shutdown().await;
+            sandbox.kill(signal).await;
             return Ok(());
         }
         self.agent(id)?.kill(id, exec, signal, all).await
@@ -772,7 +800,7 @@ impl Guest for Host {
         // The VM as a whole is measured on the host; a container in its guest cgroup.
         let whole_vm = match self.entries().get(id).map(|e| &e.kind) {
             Some(Kind::VmImage(t)) => Some(t.memory_bytes),
-            Some(Kind::Sandbox(s)) => Some(s.memory_bytes),
+            Some(Kind::Sandbox(s)) => Some(s.memory_bytes()),
             _ => None,
         };
         match whole_vm {

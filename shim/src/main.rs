@@ -20,6 +20,7 @@ mod hooks;
 mod host;
 mod model;
 mod netns;
+mod pod;
 mod podnet;
 mod rootfs;
 mod service;

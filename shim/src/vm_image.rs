@@ -179,14 +179,27 @@ pub struct VmImageTask {
     exit: watch::Sender<Option<u32>>,
 }
 
+/// What a VM image that is a pod's VM gets in its seed beyond its own spec.
+#[derive(Debug, Clone, Default)]
+pub struct PodSeed {
+    /// The pod's hostname.
+    pub hostname: String,
+    /// cloud-init `network-config` for the pod network.
+    pub network_config: Option<String>,
+    /// More user data (the pod's volumes as `write_files`).
+    pub user_data: Option<String>,
+}
+
 /// Prepares the VM of container `c`, whose image files are at `rootfs` and hold `disk`:
 /// the base and overlay, the cloud-init seed (the spec's environment reaches
-/// `/etc/cloud/environment`), the console on containerd's FIFOs. Blocking.
+/// `/etc/cloud/environment`; a pod's network and volumes, `pod`), the console on
+/// containerd's FIFOs. Blocking.
 pub fn prepare_task(
     dirs: &StateDirs,
     ns: &str,
     c: &NewContainer,
     disk: &Path,
+    pod: Option<&PodSeed>,
 ) -> Result<VmImageTask, GuestError> {
     let vm = spec::vm_spec(&c.spec, &c.id)
         .map_err(|e| GuestError::host("size the VM from the spec", Code::INVALID_ARGUMENT, e))?;
@@ -205,10 +218,13 @@ pub fn prepare_task(
     let seed_path = Path::new(&c.bundle).join("cidata.img");
     let seed = kestrel_seed::Seed {
         instance_id: c.id.clone(),
-        hostname: vm.hostname.clone(),
+        hostname: pod
+            .map(|p| p.hostname.clone())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| vm.hostname.clone()),
         env: vm.env.clone(),
-        extra_user_data: None,
-        network_config: None,
+        extra_user_data: pod.and_then(|p| p.user_data.clone()),
+        network_config: pod.and_then(|p| p.network_config.clone()),
     };
     kestrel_seed::write_seed_image(&seed, &seed_path).map_err(|e| {
         let code = match e {
@@ -280,6 +296,18 @@ pub async fn send(control: &ControlSender, action: VmAction) -> Result<(), Guest
 }
 
 impl VmImageTask {
+    /// Gives the VM a network interface (the pod's tap); only before it starts.
+    pub fn attach_net(&self, net: vmm::NetConfig) -> Result<(), GuestError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.as_mut() {
+            Some((config, _)) => {
+                config.nets.push(net);
+                Ok(())
+            }
+            None => Err(GuestError::Invalid("the VM has already started".into())),
+        }
+    }
+
     fn take_pending(&self) -> Option<(Box<VmConfig>, ConsoleWriter)> {
         self.pending
             .lock()

@@ -28,6 +28,15 @@ pub struct Cri {
     client: RuntimeServiceClient<Channel>,
 }
 
+/// A container's volume mounts (host path, container path, read-only), environment and
+/// annotations.
+#[derive(Default)]
+pub struct Extra<'a> {
+    pub mounts: &'a [(&'a Path, &'a str, bool)],
+    pub envs: &'a [(&'a str, &'a str)],
+    pub annotations: &'a [(&'a str, &'a str)],
+}
+
 /// What ExecSync returned.
 #[derive(Debug)]
 pub struct ExecResult {
@@ -176,11 +185,10 @@ impl Cri {
         image: &str,
         command: &[&str],
     ) -> Result<String, tonic::Status> {
-        self.start_container_with(pod, pod_config, name, image, command, &[])
+        self.start_container_with(pod, pod_config, name, image, command, &Extra::default())
     }
 
-    /// [`Cri::start_container`] with kubelet's volume mounts: (host path, container path,
-    /// read-only).
+    /// [`Cri::start_container`] with kubelet's volume mounts, environment and annotations.
     pub fn start_container_with(
         &self,
         pod: &str,
@@ -188,7 +196,7 @@ impl Cri {
         name: &str,
         image: &str,
         command: &[&str],
-        mounts: &[(&Path, &str, bool)],
+        extra: &Extra<'_>,
     ) -> Result<String, tonic::Status> {
         let mut c = self.client.clone();
         let req = CreateContainerRequest {
@@ -204,7 +212,21 @@ impl Cri {
                 }),
                 command: command.iter().map(|s| s.to_string()).collect(),
                 log_path: format!("{name}.log"),
-                mounts: mounts
+                envs: extra
+                    .envs
+                    .iter()
+                    .map(|(k, v)| v1::KeyValue {
+                        key: k.to_string(),
+                        value: v.to_string(),
+                    })
+                    .collect(),
+                annotations: extra
+                    .annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                mounts: extra
+                    .mounts
                     .iter()
                     .map(|(host, container, readonly)| v1::Mount {
                         host_path: host.display().to_string(),

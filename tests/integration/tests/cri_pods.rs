@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kestrel_integration_tests::cri::Cri;
+use kestrel_integration_tests::cri::{Cri, Extra};
 use kestrel_integration_tests::images;
 use kestrel_integration_tests::kestrel::{self, unique};
 
@@ -139,7 +139,10 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
             "web",
             BUSYBOX,
             &["sh", "-c", WEB],
-            &[(&cm, "/etc/cfg", true), (&empty_dir, "/data", false)],
+            &Extra {
+                mounts: &[(&cm, "/etc/cfg", true), (&empty_dir, "/data", false)],
+                ..Extra::default()
+            },
         )
         .expect("first container");
     let side = cri
@@ -149,10 +152,13 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
             "side",
             BUSYBOX,
             &["sleep", "3600"],
-            &[
-                (&empty_dir, "/data", false),
-                (&term_log, "/dev/termination-log", false),
-            ],
+            &Extra {
+                mounts: &[
+                    (&empty_dir, "/data", false),
+                    (&term_log, "/dev/termination-log", false),
+                ],
+                ..Extra::default()
+            },
         )
         .expect("second container");
     // One shim process serves the pod.
@@ -312,6 +318,95 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
     let links = String::from_utf8_lossy(&links.stdout);
     assert!(!links.contains("kestrel0"), "{links}");
     assert!(!kestrel::run_dir_in("k8s.io", &pod).exists());
+}
+
+/// A VM-image pod (KubeVirt's containerDisk as the pod's container) boots that disk as the
+/// pod's VM on the pod network: the kernel's DHCP client gets the pod IP from virtio-net's
+/// DHCP server, a runc pod reaches it, the console is the container's log, the pod's
+/// environment reaches the guest, exec is refused, stats come from the host.
+#[test]
+fn a_vm_image_pod_joins_the_pod_network() {
+    let disk = images::containerdisk();
+    let Some(setup) = kestrel::setup(&[]) else {
+        return;
+    };
+    let c = &setup.c;
+    c.import(images::busybox(), "k8s.io");
+    c.import(images::pause(), "k8s.io");
+    c.import(&disk.archive, "k8s.io");
+    let cri = Cri::connect(c.socket());
+    let logs = c.dir().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+
+    let runc_config = Cri::pod_config(&unique("runc-peer"), &logs, &[]);
+    let runc_pod = cri.run_pod(&runc_config, "").expect("runc RunPodSandbox");
+    let runc_box = cri
+        .start_container(&runc_pod, &runc_config, "box", BUSYBOX, &["sleep", "3600"])
+        .expect("runc container");
+
+    let name = unique("vmpod");
+    let config = Cri::pod_config(&name, &logs, &[]);
+    let since = Instant::now();
+    let pod = cri
+        .run_pod(&config, "kestrel")
+        .expect("kestrel RunPodSandbox");
+    // The sandbox needs no VM: the first container decides what the VM is.
+    println!("RunPodSandbox: {:.3} s", since.elapsed().as_secs_f64());
+    let pod_ip = cri.pod_ip(&pod);
+    let vm = cri
+        .start_container_with(
+            &pod,
+            &config,
+            "vm",
+            "localhost/kestrel-test-vmdisk:1",
+            &["vm"],
+            &Extra {
+                envs: &[("VM_INIT_WAIT", "1"), ("GREETING", "hello pod")],
+                annotations: &[("io.kestrel.vm.cmdline", "ip=dhcp")],
+                ..Extra::default()
+            },
+        )
+        .expect("the VM image's container");
+    let log = wait_for_file(
+        &logs.join("vm.log"),
+        "vm-init: waiting",
+        Duration::from_secs(300),
+    );
+    assert!(log.contains("vm-init: waiting"), "{log}");
+    assert!(log.contains("vm-init: env GREETING=hello pod"), "{log}");
+    assert!(log.contains(&format!("my address is {pod_ip}")), "{log}");
+
+    let r = cri
+        .exec_sync(&runc_box, &["ping", "-c", "1", "-W", "10", &pod_ip], 60)
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "runc → VM image {pod_ip}: {r:?}");
+
+    let err = cri.exec_sync(&vm, &["true"], 10).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    let stats = cri.container_stats(&vm).expect("ContainerStats");
+    let mem = stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map_or(0, |v| v.value);
+    assert!(mem > 0, "{stats:?}");
+
+    // A second container cannot join a VM-image pod.
+    let err = cri
+        .start_container(&pod, &config, "more", BUSYBOX, &["true"])
+        .unwrap_err();
+    assert!(err.message().contains("VM image"), "{err:?}");
+
+    let shim = c.kestrel_shim_pid(&pod).expect("the pod's shim");
+    cri.remove_pod(&pod).expect("remove the VM-image pod");
+    cri.remove_pod(&runc_pod).expect("remove the runc pod");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kestrel_integration_tests::containerd::alive(shim) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !kestrel_integration_tests::containerd::alive(shim),
+        "the pod's shim still runs"
+    );
 }
 
 /// What kestrel cannot run is refused with the code kubelet acts on.
