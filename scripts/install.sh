@@ -22,4 +22,4 @@ for a in vmlinux bzImage initramfs.cpio; do
 done
 echo "install: $PREFIX/bin/containerd-shim-kestrel-v2, $PREFIX/bin/kestrel, $PREFIX/share/kestrel/" >&2
 
-echo "install: ctr run --runtime io.containerd.kestrel.v2 IMAGE ID [CMD] runs a container (or a /disk/ VM image) in a microVM (Kubernetes pods are not supported yet)" >&2
+echo "install: ctr run --runtime io.containerd.kestrel.v2 IMAGE ID [CMD] runs a container (or a /disk/ VM image) in a microVM; for Kubernetes add deploy/containerd/config-v2.toml (containerd 1.6/1.7) or config-v3.toml (2.x) to /etc/containerd/config.toml, restart containerd, kubectl apply -f deploy/runtimeclass.yaml" >&2

@@ -279,6 +279,21 @@ impl Cri {
             .map(|r| r.stats.unwrap_or_default())
     }
 
+    /// UpdateContainerResources with a new memory limit.
+    pub fn update_memory(&self, id: &str, limit_bytes: i64) -> Result<(), tonic::Status> {
+        let mut c = self.client.clone();
+        let req = v1::UpdateContainerResourcesRequest {
+            container_id: id.to_string(),
+            linux: Some(v1::LinuxContainerResources {
+                memory_limit_in_bytes: limit_bytes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.call(async move { c.update_container_resources(req).await })
+            .map(drop)
+    }
+
     pub fn stop_container(&self, id: &str, timeout: i64) -> Result<(), tonic::Status> {
         let mut c = self.client.clone();
         let req = StopContainerRequest {

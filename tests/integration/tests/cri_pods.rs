@@ -296,6 +296,22 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
         .unwrap();
     assert_eq!(r.exit_code, 0, "{r:?}");
 
+    // UpdateContainerResources reaches the container's cgroup in the guest.
+    cri.update_memory(&side, 96 << 20)
+        .expect("UpdateContainerResources");
+    let r = cri
+        .exec_sync(
+            &side,
+            &[
+                "sh",
+                "-c",
+                "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+            ],
+            60,
+        )
+        .unwrap();
+    assert_eq!(r.stdout.trim(), (96u64 << 20).to_string(), "{r:?}");
+
     // Stop and remove one container: the other keeps running in the VM.
     cri.stop_container(&side, 0).unwrap();
     assert_eq!(std::fs::read_to_string(&term_log).unwrap(), "goodbye\n");
