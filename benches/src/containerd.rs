@@ -297,6 +297,43 @@ pub fn build_shim(target_dir: &Path) -> Result<PathBuf, String> {
     }
 }
 
+/// What every containerd bench checks and prints before its fixture starts: `None` (after
+/// `skipped: …`) without containerd or a usable /dev/kvm; runc (the baseline) is required;
+/// the shim is `shim` or the freshly built release one. Installs the panic cleanup.
+pub fn prepare(bench: &'static str, shim: Option<&Path>) -> Result<Option<PathBuf>, String> {
+    println!("kestrel {bench} bench");
+    println!("{}", crate::HostFacts::probe().describe());
+    if !containerd::installed() {
+        println!("skipped: containerd not installed");
+        return Ok(None);
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        println!("skipped: /dev/kvm not usable: {e}");
+        return Ok(None);
+    }
+    let runc = crate::which("runc").ok_or("runc not installed (the baseline)")?;
+    let shim = match shim {
+        Some(s) => s.to_path_buf(),
+        None => {
+            let target_dir = crate::own_target_dir().map_err(|e| e.to_string())?;
+            build_shim(&target_dir).map_err(|e| format!("building the shim: {e}"))?
+        }
+    };
+    let containerd_bin = crate::which("containerd").ok_or("containerd not on PATH")?;
+    println!("shim: {}", shim.display());
+    println!(
+        "containerd: {}; runc: {}",
+        crate::version_line(&containerd_bin),
+        crate::version_line(&runc)
+    );
+    install_panic_cleanup(bench);
+    Ok(Some(shim))
+}
+
 pub fn import(c: &Containerd, archive: &Path) -> Result<(), String> {
     let tar = archive.to_string_lossy();
     let out = c.ctr_with_timeout(&["image", "import", &tar], Duration::from_secs(600));

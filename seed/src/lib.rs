@@ -357,7 +357,8 @@ fn cloud_config(environment: &str, merge: bool) -> String {
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Standard base64 with padding, in lines of 76 characters, each ending in "\n".
-fn base64_lines(data: &[u8]) -> String {
+/// Standard base64 (RFC 4648, with padding) on one line.
+pub fn base64(data: &[u8]) -> String {
     let mut encoded = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [
@@ -375,6 +376,12 @@ fn base64_lines(data: &[u8]) -> String {
             }
         }
     }
+    encoded
+}
+
+/// [`base64`] in lines of 76 characters, each ending with a line feed (MIME).
+fn base64_lines(data: &[u8]) -> String {
+    let encoded = base64(data);
     let mut out = String::with_capacity(encoded.len() + encoded.len() / 76 + 1);
     let mut rest = encoded.as_str();
     while !rest.is_empty() {

@@ -335,7 +335,7 @@ pub fn write_files(copies: &[HostCopy]) -> Option<String> {
             out.push_str(&format!(
                 "  - path: {}\n    encoding: b64\n    content: {}\n    permissions: '{:04o}'\n",
                 yaml_str(&path),
-                base64(data),
+                kestrel_seed::base64(data),
                 mode & 0o7777
             ));
         }
@@ -390,28 +390,6 @@ fn resolve<'a>(entries: &'a [CopiedEntry], path: &str) -> Option<(&'a [u8], u32)
         }) => Some((d, *mode)),
         _ => None,
     }
-}
-
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk.first().copied().unwrap_or(0),
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                let idx = ((n >> (18 - 6 * i)) & 63) as usize;
-                out.push(char::from(A.get(idx).copied().unwrap_or(b'A')));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -539,7 +517,5 @@ mod tests {
         assert!(y.contains("  - path: \"/etc/app/key\"\n    encoding: b64\n    content: TWFu\n    permissions: '0644'\n"), "{y}");
         assert_eq!(y.matches("- path:").count(), 1, "{y}");
         assert!(write_files(&[hosts]).is_none());
-        assert_eq!(base64(b"Ma"), "TWE=");
-        assert_eq!(base64(b"M"), "TQ==");
     }
 }

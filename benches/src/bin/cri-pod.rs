@@ -28,13 +28,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use kestrel_benches::containerd::{
-    build_shim, install_panic_cleanup, kill_fixture_processes, read_log_since, sample_memory,
-    FIXTURE,
+    kill_fixture_processes, prepare, read_log_since, sample_memory, FIXTURE,
 };
-use kestrel_benches::{
-    fmt_summary, own_target_dir, ratio, summary, version_line, which, HostFacts, Table,
-};
-use kestrel_integration_tests::containerd::{self, Containerd};
+use kestrel_benches::{fmt_summary, ratio, summary, Table};
+use kestrel_integration_tests::containerd::Containerd;
 use kestrel_integration_tests::cri::Cri;
 use kestrel_integration_tests::images;
 
@@ -171,34 +168,9 @@ fn start_pod(
 }
 
 fn run(opts: &Options) -> Result<bool, String> {
-    println!("kestrel cri-pod bench");
-    println!("{}", HostFacts::probe().describe());
-    if !containerd::installed() {
-        println!("skipped: containerd not installed");
+    let Some(shim) = prepare("cri-pod", opts.shim.as_deref())? else {
         return Ok(true);
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        println!("skipped: /dev/kvm not usable: {e}");
-        return Ok(true);
-    }
-    let runc = which("runc").ok_or("runc not installed (the baseline)")?;
-    let target_dir = own_target_dir().map_err(|e| e.to_string())?;
-    let shim = match &opts.shim {
-        Some(s) => s.clone(),
-        None => build_shim(&target_dir).map_err(|e| format!("building the shim: {e}"))?,
     };
-    let containerd_bin = which("containerd").ok_or("containerd not on PATH")?;
-    println!("shim: {}", shim.display());
-    println!(
-        "containerd: {}; runc: {}",
-        version_line(&containerd_bin),
-        version_line(&runc)
-    );
-    install_panic_cleanup("cri-pod");
     let c = Containerd::builder()
         .shim(&shim)
         .start()

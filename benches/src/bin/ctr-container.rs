@@ -34,15 +34,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use kestrel_benches::containerd::{
-    build_shim, import, install_panic_cleanup, kill_fixture_processes, read_log_since,
-    sample_memory, FIXTURE,
+    import, kill_fixture_processes, prepare, read_log_since, sample_memory, FIXTURE,
 };
-use kestrel_benches::{
-    fmt_summary, own_target_dir, ratio, summary, version_line, which, HostFacts, Table,
-};
-use kestrel_integration_tests::containerd::{
-    self, describe, ConsoleFifo, Containerd, KESTREL_RUNTIME,
-};
+use kestrel_benches::{fmt_summary, ratio, summary, Table};
+use kestrel_integration_tests::containerd::{describe, ConsoleFifo, Containerd, KESTREL_RUNTIME};
 use kestrel_integration_tests::images::{self, BUSYBOX_IMAGE};
 
 const USAGE: &str = "usage: ctr-container [--runs N] [--execs M] [--shim PATH]
@@ -177,39 +172,14 @@ struct Samples {
 }
 
 fn run(opts: &Options) -> Result<bool, String> {
-    println!("kestrel ctr-container bench");
-    println!("{}", HostFacts::probe().describe());
-    if !containerd::installed() {
-        println!("skipped: containerd not installed");
+    let Some(shim) = prepare("ctr-container", opts.shim.as_deref())? else {
         return Ok(true);
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        println!("skipped: /dev/kvm not usable: {e}");
-        return Ok(true);
-    }
-    let runc = which("runc").ok_or("runc not installed (the baseline)")?;
-    let target_dir = own_target_dir().map_err(|e| e.to_string())?;
-    let shim = match &opts.shim {
-        Some(s) => s.clone(),
-        None => build_shim(&target_dir).map_err(|e| format!("building the shim: {e}"))?,
     };
-    let containerd_bin = which("containerd").ok_or("containerd not on PATH")?;
-    println!("shim: {}", shim.display());
-    println!(
-        "containerd: {}; runc: {}",
-        version_line(&containerd_bin),
-        version_line(&runc)
-    );
     let state = StateDir(std::env::temp_dir().join(format!(
         "kestrel-ctr-container-state-{}",
         std::process::id()
     )));
     let _ = std::fs::remove_dir_all(&state.0);
-    install_panic_cleanup("ctr-container");
     let c = Containerd::builder()
         .shim(&shim)
         .env("KESTREL_STATE_DIR", &state.0)

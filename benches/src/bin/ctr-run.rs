@@ -44,15 +44,15 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime};
 
 use kestrel_benches::containerd::{
-    build_shim, import, install_panic_cleanup, kill_fixture_processes, ms_since, read_log_since,
-    run_tool, sample_memory, task_events, MemSample, FIXTURE,
+    import, kill_fixture_processes, ms_since, prepare, read_log_since, run_tool, sample_memory,
+    task_events, MemSample, FIXTURE,
 };
 use kestrel_benches::{
-    fmt_summary, ms, own_target_dir, ratio, summary, timed_run, version_line, which, Ended,
-    HostFacts, RunResult, Table,
+    fmt_summary, ms, own_target_dir, ratio, summary, timed_run, which, Ended, HostFacts, RunResult,
+    Table,
 };
 use kestrel_integration_tests::containerd::{
-    self, describe, ConsoleFifo, Containerd, KESTREL_RUNTIME, NAMESPACE,
+    describe, ConsoleFifo, Containerd, KESTREL_RUNTIME, NAMESPACE,
 };
 use kestrel_integration_tests::images::{self, VMDISK_IMAGE};
 
@@ -397,22 +397,9 @@ impl Drop for StateDir {
 }
 
 fn run(opts: &Options) -> Result<bool, String> {
-    let host = HostFacts::probe();
-    println!("kestrel ctr-run bench");
-    println!("{}", host.describe());
-    if !containerd::installed() {
-        println!("skipped: containerd not installed");
+    let Some(shim) = prepare("ctr-run", opts.shim.as_deref())? else {
         return Ok(true);
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        println!("skipped: /dev/kvm not usable: {e}");
-        return Ok(true);
-    }
-    let runc = which("runc").ok_or("runc not installed (the baseline)")?;
+    };
     let target_dir = own_target_dir().map_err(|e| e.to_string())?;
     if std::env::var_os("CARGO_TARGET_DIR").is_none() {
         // The image scripts build vm-init under $CARGO_TARGET_DIR/guest.
@@ -423,19 +410,8 @@ fn run(opts: &Options) -> Result<bool, String> {
     std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
 
     // Everything that can fail (or panic) before containerd runs.
-    let shim = match &opts.shim {
-        Some(s) => s.clone(),
-        None => build_shim(&target_dir).map_err(|e| format!("building the shim: {e}"))?,
-    };
     let vmdisk = images::containerdisk();
     let baseline = build_baseline(&vmdisk.qcow2, &work.join("ctr-run"))?;
-    let containerd_bin = which("containerd").ok_or("containerd not on PATH")?;
-    println!("shim: {}", shim.display());
-    println!(
-        "containerd: {}; runc: {}",
-        version_line(&containerd_bin),
-        version_line(&runc)
-    );
     println!(
         "images: {VMDISK_IMAGE} ({:.0} KiB archive, disk.qcow2 {:.0} KiB) with runtime {KESTREL_RUNTIME}; \
          baseline {BASELINE_IMAGE} ({:.0} KiB archive: the same disk.qcow2 + busybox, \
@@ -449,7 +425,6 @@ fn run(opts: &Options) -> Result<bool, String> {
         std::env::temp_dir().join(format!("kestrel-ctr-run-state-{}", std::process::id())),
     );
     let _ = std::fs::remove_dir_all(&state.0);
-    install_panic_cleanup("ctr-run");
     let c = Containerd::builder()
         .shim(&shim)
         .env("KESTREL_STATE_DIR", &state.0)

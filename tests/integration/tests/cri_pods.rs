@@ -34,6 +34,18 @@ fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// The pod's shim ends within 20 s of the pod's removal.
+fn assert_exits(shim: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kestrel_integration_tests::containerd::alive(shim) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !kestrel_integration_tests::containerd::alive(shim),
+        "the pod's shim still runs"
+    );
+}
+
 /// `GET /` from localhost:`port` inside the network namespace at `netns`, as containerd's
 /// PortForward dials it (busybox's nc on the host; its wget needs NSS).
 fn http_get_in(netns: &str, port: u16) -> String {
@@ -321,14 +333,7 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
 
     cri.remove_pod(&pod).expect("remove the kestrel pod");
     cri.remove_pod(&runc_pod).expect("remove the runc pod");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while kestrel_integration_tests::containerd::alive(shim) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        !kestrel_integration_tests::containerd::alive(shim),
-        "the pod's shim still runs"
-    );
+    assert_exits(shim);
     assert_eq!(netns_count(), netns_before, "a network namespace is left");
     let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
     let links = String::from_utf8_lossy(&links.stdout);
@@ -415,14 +420,7 @@ fn a_vm_image_pod_joins_the_pod_network() {
     let shim = c.kestrel_shim_pid(&pod).expect("the pod's shim");
     cri.remove_pod(&pod).expect("remove the VM-image pod");
     cri.remove_pod(&runc_pod).expect("remove the runc pod");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while kestrel_integration_tests::containerd::alive(shim) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        !kestrel_integration_tests::containerd::alive(shim),
-        "the pod's shim still runs"
-    );
+    assert_exits(shim);
 }
 
 /// What kestrel cannot run is refused with the code kubelet acts on.

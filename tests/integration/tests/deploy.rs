@@ -40,24 +40,27 @@ fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
     (host, art)
 }
 
-fn run(host: &Path, art: &Path, action: &str) -> String {
-    let sh = if Path::new("/bin/busybox").exists() {
-        "/bin/busybox"
+/// Runs the installer with the busybox sh of its image (or the system's sh).
+fn deploy(host: &Path, art: &Path, action: &str) -> std::process::Output {
+    let mut cmd = if Path::new("/bin/busybox").exists() {
+        let mut c = Command::new("/bin/busybox");
+        c.arg("sh");
+        c
     } else {
-        "sh"
+        Command::new("sh")
     };
-    let mut cmd = Command::new(sh);
-    if sh.ends_with("busybox") {
-        cmd.arg("sh");
-    }
-    let out = cmd
-        .arg(root().join("deploy/kestrel-deploy.sh"))
+    cmd.arg(root().join("deploy/kestrel-deploy.sh"))
         .arg(action)
         .env("HOST_ROOT", host)
         .env("KESTREL_ARTIFACTS", art)
         .env("NO_RESTART", "1")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// [`deploy`], which must succeed; returns its log.
+fn run(host: &Path, art: &Path, action: &str) -> String {
+    let out = deploy(host, art, action);
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{action}: {log}");
     log
@@ -137,24 +140,7 @@ fn missing_artifacts_are_refused_and_a_hand_install_is_not_touched() {
     let (host, art) = fixture(dir.path());
     // kestrel installed by hand (scripts/install.sh): a real directory of assets.
     fs::create_dir_all(host.join("usr/local/share/kestrel")).unwrap();
-    let sh = if Path::new("/bin/busybox").exists() {
-        "/bin/busybox"
-    } else {
-        "sh"
-    };
-    let out = Command::new(sh)
-        .args(if sh.ends_with("busybox") {
-            vec!["sh"]
-        } else {
-            vec![]
-        })
-        .arg(root().join("deploy/kestrel-deploy.sh"))
-        .arg("install")
-        .env("HOST_ROOT", &host)
-        .env("KESTREL_ARTIFACTS", &art)
-        .env("NO_RESTART", "1")
-        .output()
-        .unwrap();
+    let out = deploy(&host, &art, "install");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not kestrel-deploy's link"));
     assert!(host.join("usr/local/share/kestrel").is_dir());
@@ -164,18 +150,6 @@ fn missing_artifacts_are_refused_and_a_hand_install_is_not_touched() {
     );
     fs::remove_dir(host.join("usr/local/share/kestrel")).unwrap();
     fs::remove_file(art.join("share/kestrel/bzImage")).unwrap();
-    let out = Command::new(sh)
-        .args(if sh.ends_with("busybox") {
-            vec!["sh"]
-        } else {
-            vec![]
-        })
-        .arg(root().join("deploy/kestrel-deploy.sh"))
-        .arg("install")
-        .env("HOST_ROOT", &host)
-        .env("KESTREL_ARTIFACTS", &art)
-        .env("NO_RESTART", "1")
-        .output()
-        .unwrap();
+    let out = deploy(&host, &art, "install");
     assert!(String::from_utf8_lossy(&out.stderr).contains("bzImage missing"));
 }
