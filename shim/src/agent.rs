@@ -35,8 +35,8 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use devices::disk::{DiskBackend, EmptyDisk};
 use devices::virtio::net::MacAddr;
 use kestrel_agent_protocol::{
-    pod::PodConfig, Call, ContainerConfig, GuestEvent, Reply, StdioPort, AGENT_PORT, CALL_METHOD,
-    EVENTS_PORT, KESTREL_SERVICE, SERVE_PARAM,
+    pod::PodConfig, BlockDevice, Call, ContainerConfig, GuestEvent, Reply, StdioPort, AGENT_PORT,
+    CALL_METHOD, EVENTS_PORT, KESTREL_SERVICE, SERVE_PARAM,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -398,22 +398,30 @@ impl AgentVm {
         }
     }
 
-    /// Empties the slot of container `id` (after the agent unmounted its disk).
+    /// Empties the slots of container `id` (its root disk and block volumes, after the
+    /// agent deleted the container).
     pub async fn detach_disk(&self, id: &str) {
-        let index = self.slots().iter().position(|s| s.as_deref() == Some(id));
-        let Some(index) = index else { return };
-        let action = VmAction::ReplaceDisk {
-            index,
-            disk: DiskConfig {
-                backend: Box::new(EmptyDisk),
-                serial: None,
-            },
-        };
-        if let Err(e) = crate::vm_image::send(&self.control, action).await {
-            log::debug!("slot {index} of {id} not emptied: {e}");
-        }
-        if let Some(slot) = self.slots().get_mut(index) {
-            *slot = None;
+        let held: Vec<usize> = self
+            .slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_deref() == Some(id))
+            .map(|(i, _)| i)
+            .collect();
+        for index in held {
+            let action = VmAction::ReplaceDisk {
+                index,
+                disk: DiskConfig {
+                    backend: Box::new(EmptyDisk),
+                    serial: None,
+                },
+            };
+            if let Err(e) = crate::vm_image::send(&self.control, action).await {
+                log::debug!("slot {index} of {id} not emptied: {e}");
+            }
+            if let Some(slot) = self.slots().get_mut(index) {
+                *slot = None;
+            }
         }
     }
 
@@ -529,6 +537,7 @@ impl AgentVm {
         serial: &str,
         size: u64,
         copied: Vec<HostCopy>,
+        block_devices: Vec<BlockDevice>,
     ) -> Result<u32, GuestError> {
         let (ports, io) = self.open_stdio(&c.stdio)?;
         let mut spec = c.spec.clone();
@@ -539,6 +548,7 @@ impl AgentVm {
         let config = ContainerConfig {
             spec,
             copied: copied.iter().map(|c| c.mount.clone()).collect(),
+            block_devices,
         };
         let options = config.to_any().map_err(|e| {
             GuestError::host("encode the container configuration", Code::INTERNAL, e)

@@ -19,9 +19,9 @@ use containerd_shim::protos::api::ProcessInfo;
 use containerd_shim::protos::events::task::TaskOOM;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::ttrpc::Code;
-use devices::disk::EmptyDisk;
+use devices::disk::{DiskBackend, EmptyDisk};
 use kestrel_agent_protocol::pod::PodConfig;
-use kestrel_agent_protocol::GuestEvent;
+use kestrel_agent_protocol::{BlockDevice, GuestEvent};
 use sha2::{Digest, Sha256};
 use vmm::{DiskConfig, NetConfig, TapSource};
 
@@ -37,7 +37,7 @@ use crate::podnet;
 use crate::rootfs::{self, PreparedRootfs};
 use crate::spec;
 use crate::vm_image::{self, ImageError, PodSeed, StateDirs, VmImageTask};
-use crate::volumes::{self, HostCopy};
+use crate::volumes::{self, HostBlockDevice, HostCopy};
 
 /// Starts a thread in the network namespace at `path` (a new one for `None`).
 async fn start_netns(path: Option<PathBuf>) -> Result<NetnsThread, GuestError> {
@@ -84,9 +84,16 @@ struct Entry {
     pod: Option<Arc<Sandbox>>,
 }
 
+/// What a container brings into the VM.
+struct ContainerParts {
+    root: PreparedRootfs,
+    copies: Vec<HostCopy>,
+    blocks: Vec<HostBlockDevice>,
+}
+
 enum Prepared {
     VmImage(VmImageTask),
-    Container(PreparedRootfs, Vec<HostCopy>),
+    Container(ContainerParts),
 }
 
 pub struct Host {
@@ -276,14 +283,29 @@ impl Host {
                     vm_image::prepare_task(&dirs, &ns, &c2, &disk, pod.as_ref())
                         .map(Prepared::VmImage)
                 }
-                Err(ImageError::NoDisk) => rootfs::prepare(&dirs, &c2.rootfs, &tree, &ns, &c2.id)
-                    .map(|r| Prepared::Container(r, volumes::copy_bind_sources(&c2.spec)))
+                Err(ImageError::NoDisk) => volumes::open_block_devices(&c2.spec)
                     .map_err(|e| {
                         GuestError::host(
-                            "prepare the container's root file system",
-                            Code::INTERNAL,
+                            "open the spec's block devices",
+                            Code::FAILED_PRECONDITION,
                             e,
                         )
+                    })
+                    .and_then(|blocks| {
+                        let root = rootfs::prepare(&dirs, &c2.rootfs, &tree, &ns, &c2.id).map_err(
+                            |e| {
+                                GuestError::host(
+                                    "prepare the container's root file system",
+                                    Code::INTERNAL,
+                                    e,
+                                )
+                            },
+                        )?;
+                        Ok(Prepared::Container(ContainerParts {
+                            root,
+                            copies: volumes::copy_bind_sources(&c2.spec),
+                            blocks,
+                        }))
                     }),
                 Err(e) => {
                     let code = if e.is_user_error() {
@@ -310,9 +332,13 @@ impl Host {
     async fn boot_and_create(
         &self,
         c: &NewContainer,
-        root: PreparedRootfs,
-        copied: Vec<HostCopy>,
+        parts: ContainerParts,
     ) -> Result<(Arc<AgentVm>, u32), GuestError> {
+        let ContainerParts {
+            root,
+            copies,
+            blocks,
+        } = parts;
         let vm = spec::container_vm(&c.spec).map_err(|e| {
             GuestError::host("size the VM from the spec", Code::INVALID_ARGUMENT, e)
         })?;
@@ -326,18 +352,33 @@ impl Host {
         );
         let serial = format!("{}0", rootfs::SERIAL_PREFIX);
         let size = root.disk.size();
+        let mut slots = vec![(
+            Some(c.id.clone()),
+            DiskConfig {
+                backend: root.disk,
+                serial: Some(serial.clone()),
+            },
+        )];
+        let mut devices = Vec::new();
+        for (i, b) in blocks.into_iter().enumerate() {
+            let serial = format!("{}dev{i}", rootfs::SERIAL_PREFIX);
+            devices.push(BlockDevice {
+                path: b.path,
+                serial: serial.clone(),
+                size: DiskBackend::size(&b.disk),
+            });
+            let disk = DiskConfig {
+                backend: Box::new(b.disk),
+                serial: Some(serial),
+            };
+            slots.push((Some(c.id.clone()), disk));
+        }
         let agent = AgentVm::boot(BootSpec {
             task: c.id.clone(),
             vcpus: vm.cpus,
             memory_mib: vm.memory_mib,
             extra_cmdline: vm.extra_cmdline,
-            slots: vec![(
-                Some(c.id.clone()),
-                DiskConfig {
-                    backend: root.disk,
-                    serial: Some(serial.clone()),
-                },
-            )],
+            slots,
             net: None,
             pod: None,
             dir: self.run_dir.clone(),
@@ -346,7 +387,7 @@ impl Host {
         })
         .await?;
         let since = Instant::now();
-        let created = agent.create(c, &serial, size, copied).await;
+        let created = agent.create(c, &serial, size, copies, devices).await;
         log_timing(&c.id, "create", since);
         match created {
             Ok(pid) => Ok((agent, pid)),
@@ -562,7 +603,11 @@ impl Host {
                 self.insert(c, Kind::VmImage(task), pid, None);
                 Ok(pid)
             }
-            Prepared::Container(root, copied) => {
+            Prepared::Container(ContainerParts {
+                root,
+                copies,
+                blocks,
+            }) => {
                 let vm = match &*pod_vm {
                     Some(PodVm::Agent(vm)) => vm.clone(),
                     Some(PodVm::Image(_)) => return Err(only_one()),
@@ -575,8 +620,23 @@ impl Host {
                 };
                 let size = root.disk.size();
                 let serial = vm.attach_disk(&c.id, root.disk).await?;
+                let mut devices = Vec::new();
+                for b in blocks {
+                    let size = DiskBackend::size(&b.disk);
+                    match vm.attach_disk(&c.id, Box::new(b.disk)).await {
+                        Ok(serial) => devices.push(BlockDevice {
+                            path: b.path,
+                            serial,
+                            size,
+                        }),
+                        Err(e) => {
+                            vm.detach_disk(&c.id).await;
+                            return Err(e);
+                        }
+                    }
+                }
                 let since = Instant::now();
-                match vm.create(c, &serial, size, copied).await {
+                match vm.create(c, &serial, size, copies, devices).await {
                     Ok(pid) => {
                         log_timing(&c.id, "create", since);
                         self.insert(c, Kind::Container { vm, owns_vm: false }, pid, None);
@@ -600,8 +660,7 @@ impl Host {
     async fn create_container(
         &self,
         c: &NewContainer,
-        root: PreparedRootfs,
-        copied: Vec<HostCopy>,
+        parts: ContainerParts,
     ) -> Result<u32, GuestError> {
         // Claims the boot only when no container VM exists and none is booting.
         let has_vm = self
@@ -614,7 +673,7 @@ impl Host {
                 "this kestrel version (each container gets its own shim and VM; pods come later)",
             ));
         }
-        let result = self.boot_and_create(c, root, copied).await;
+        let result = self.boot_and_create(c, parts).await;
         let result = result.map(|(vm, pid)| {
             self.insert(c, Kind::Container { vm, owns_vm: true }, pid, None);
             pid
@@ -679,9 +738,7 @@ impl Guest for Host {
                     self.insert(c, Kind::VmImage(Arc::new(task)), pid, None);
                     Ok(pid)
                 }
-                Ok(Prepared::Container(root, copied)) => {
-                    self.create_container(c, root, copied).await
-                }
+                Ok(Prepared::Container(parts)) => self.create_container(c, parts).await,
                 Err(e) => Err(e),
             },
         };

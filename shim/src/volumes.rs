@@ -17,6 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
+use devices::disk::raw::RawFile;
 use kestrel_agent_protocol::{CopiedEntry, CopiedMount, EntryKind, MAX_COPIED_BYTES};
 
 /// How often the sources are checked for changes.
@@ -71,6 +72,74 @@ pub fn copy_bind_sources(spec: &oci_spec::runtime::Spec) -> Vec<HostCopy> {
         }
     }
     out
+}
+
+/// A host block device of the spec (Kubernetes' `volumeDevices`; `ctr run --device`), to
+/// become a virtio-blk disk of the VM at `path` in the container.
+pub struct HostBlockDevice {
+    pub path: String,
+    pub disk: RawFile,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockDeviceError {
+    #[error("block device {major}:{minor} for {path} is not on the host (/sys/dev/block)")]
+    NotFound {
+        path: String,
+        major: i64,
+        minor: i64,
+    },
+    #[error("cannot open block device {} for {path}", .device.display())]
+    Open {
+        path: String,
+        device: std::path::PathBuf,
+        #[source]
+        source: devices::disk::DiskError,
+    },
+}
+
+/// Opens the spec's block devices (`linux.devices` of type `b`), found on the host by their
+/// major and minor numbers; read-only unless their permissions allow writes.
+pub fn open_block_devices(
+    spec: &oci_spec::runtime::Spec,
+) -> Result<Vec<HostBlockDevice>, BlockDeviceError> {
+    use oci_spec::runtime::LinuxDeviceType;
+    let devices = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.devices().clone())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for d in devices.iter().filter(|d| d.typ() == LinuxDeviceType::B) {
+        let path = d.path().to_string_lossy().into_owned();
+        let (major, minor) = (d.major(), d.minor());
+        let uevent = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))
+            .unwrap_or_default();
+        let Some(name) = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME=")) else {
+            return Err(BlockDeviceError::NotFound { path, major, minor });
+        };
+        let device = Path::new("/dev").join(name);
+        let writable = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.devices().as_ref())
+            .is_none_or(|rules| {
+                rules.iter().any(|r| {
+                    r.allow()
+                        && r.major().is_none_or(|m| m == major)
+                        && r.minor().is_none_or(|m| m == minor)
+                        && r.access().as_deref().is_some_and(|a| a.contains('w'))
+                })
+            });
+        let disk = RawFile::open(&device, !writable).map_err(|source| BlockDeviceError::Open {
+            path: path.clone(),
+            device: device.clone(),
+            source,
+        })?;
+        out.push(HostBlockDevice { path, disk });
+    }
+    Ok(out)
 }
 
 /// Copies `source` (a file, or a directory tree of files, directories and symlinks)

@@ -69,9 +69,18 @@ impl RawFile {
         Self::from_file(file, read_only)
     }
 
-    /// Wraps an open file. A writable disk needs a file opened for writing.
-    pub fn from_file(file: File, read_only: bool) -> Result<Self, DiskError> {
-        let size = file.metadata().map_err(io_err("image file (stat)"))?.len();
+    /// Wraps an open file or block device. A writable disk needs it opened for writing.
+    pub fn from_file(mut file: File, read_only: bool) -> Result<Self, DiskError> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileTypeExt;
+        let md = file.metadata().map_err(io_err("image file (stat)"))?;
+        // A block device's size is where its end is, not its inode's length (0).
+        let size = if md.file_type().is_block_device() {
+            file.seek(SeekFrom::End(0))
+                .map_err(io_err("block device (size)"))?
+        } else {
+            md.len()
+        };
         Ok(RawFile {
             file,
             size,

@@ -57,6 +57,19 @@ pub struct ContainerConfig {
     /// The sources of the spec's bind mounts that were copied in, by mount destination.
     #[serde(default)]
     pub copied: Vec<CopiedMount>,
+    /// Host block devices of the spec (`linux.devices` of type `b`: Kubernetes'
+    /// `volumeDevices`), each a virtio-blk disk of the VM that appears at `path` in the
+    /// container.
+    #[serde(default)]
+    pub block_devices: Vec<BlockDevice>,
+}
+
+/// A block device of the container: the VM's disk `serial` (of `size` bytes) at `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDevice {
+    pub path: String,
+    pub serial: String,
+    pub size: u64,
 }
 
 /// A bind mount whose host source (a file or a small directory) was copied into the VM.
@@ -275,6 +288,7 @@ mod tests {
         .unwrap();
         let config = ContainerConfig {
             spec,
+            block_devices: vec![],
             copied: vec![CopiedMount {
                 source: "/var/lib/pod/hosts".into(),
                 destination: "/etc/hosts".into(),

@@ -261,6 +261,12 @@ impl Agent {
         fs::create_dir_all(&rootfs).map_err(io_err(format!("create {}", rootfs.display())))?;
         mount_rootfs(rootfs_mount, &rootfs)?;
         let copied = crate::volumes::place(&dir.join("copied"), &config.copied)?;
+        let mut devices = Vec::new();
+        for d in &config.block_devices {
+            let (node, sysfs) = device_by_serial(&d.serial)?;
+            await_size(&node, &sysfs, &d.serial, d.size)?;
+            devices.push((d.path.clone(), node));
+        }
         let group = cgroup::path(id);
         fs::create_dir_all(&group).map_err(io_err(format!("create cgroup {}", group.display())))?;
         let spec = config.spec;
@@ -282,6 +288,7 @@ impl Agent {
             hostname: spec.hostname().clone(),
             share_uts: !new_namespace(&linux, LinuxNamespaceType::Uts),
             share_ipc: !new_namespace(&linux, LinuxNamespaceType::Ipc),
+            devices,
             mounts: spec.mounts().clone().unwrap_or_default(),
             copied,
             masked: linux.masked_paths().clone().unwrap_or_default(),

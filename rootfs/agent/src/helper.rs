@@ -51,6 +51,9 @@ pub enum Mode {
         copied: Vec<(String, PathBuf)>,
         masked: Vec<String>,
         readonly_paths: Vec<String>,
+        /// Guest device nodes to bind at container paths (block volumes).
+        #[serde(default)]
+        devices: Vec<(String, PathBuf)>,
     },
     /// A process joining the namespaces and root of the container whose init is `init_pid`.
     Exec { init_pid: i32 },
@@ -120,6 +123,7 @@ fn setup(config: &HelperConfig) -> Result<Vec<seccompiler::BpfProgram>, String> 
             copied,
             masked,
             readonly_paths,
+            devices,
         } => {
             let mut flags = CloneFlags::CLONE_NEWNS;
             if !share_uts {
@@ -129,7 +133,7 @@ fn setup(config: &HelperConfig) -> Result<Vec<seccompiler::BpfProgram>, String> 
                 flags |= CloneFlags::CLONE_NEWIPC;
             }
             nix::sched::unshare(flags).map_err(err("unshare the container's namespaces"))?;
-            make_root(rootfs, mounts, copied, masked, readonly_paths)?;
+            make_root(rootfs, mounts, copied, masked, readonly_paths, devices)?;
             if *readonly {
                 nix::mount::mount(
                     None::<&str>,
@@ -209,6 +213,7 @@ fn make_root(
     copied: &[(String, PathBuf)],
     masked: &[String],
     readonly_paths: &[String],
+    devices: &[(String, PathBuf)],
 ) -> Result<(), String> {
     let none = None::<&str>;
     nix::mount::mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
@@ -291,6 +296,19 @@ fn make_root(
     }
     if dev_is_tmpfs {
         populate_dev(&rootfs.join("dev"))?;
+    }
+    for (path, node) in devices {
+        let target = inside(rootfs, path)?;
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(ioerr(format!("create {}", parent.display())))?;
+        }
+        File::create(&target).map_err(ioerr(format!("create {}", target.display())))?;
+        nix::mount::mount(Some(node.as_path()), &target, none, MsFlags::MS_BIND, none).map_err(
+            err(format!(
+                "bind the block device {} at {path}",
+                node.display()
+            )),
+        )?;
     }
     for p in masked {
         let target = inside(rootfs, p)?;

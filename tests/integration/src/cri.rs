@@ -28,11 +28,13 @@ pub struct Cri {
     client: RuntimeServiceClient<Channel>,
 }
 
-/// A container's volume mounts (host path, container path, read-only), environment and
-/// annotations.
+/// A container's volume mounts (host path, container path, read-only), devices,
+/// environment and annotations.
 #[derive(Default)]
 pub struct Extra<'a> {
     pub mounts: &'a [(&'a Path, &'a str, bool)],
+    /// Host devices: (host path, container path), read-write (`volumeDevices`).
+    pub devices: &'a [(&'a Path, &'a str)],
     pub envs: &'a [(&'a str, &'a str)],
     pub annotations: &'a [(&'a str, &'a str)],
 }
@@ -224,6 +226,15 @@ impl Cri {
                     .annotations
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                devices: extra
+                    .devices
+                    .iter()
+                    .map(|(host, container)| v1::Device {
+                        host_path: host.display().to_string(),
+                        container_path: container.to_string(),
+                        permissions: "rwm".into(),
+                    })
                     .collect(),
                 mounts: extra
                     .mounts

@@ -34,6 +34,48 @@ fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// A loop device over a 4 MiB file starting with `head`; detached on drop.
+struct LoopDevice {
+    device: std::path::PathBuf,
+}
+
+impl LoopDevice {
+    fn new(file: &Path, head: &[u8]) -> LoopDevice {
+        let mut data = vec![0u8; 4 << 20];
+        data[..head.len()].copy_from_slice(head);
+        std::fs::write(file, data).unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice {
+            device: String::from_utf8_lossy(&out.stdout).trim().into(),
+        }
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(&self.device)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
 /// The pod's shim ends within 20 s of the pod's removal.
 fn assert_exits(shim: u32) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -143,6 +185,8 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
     std::fs::create_dir_all(&empty_dir).unwrap();
     let term_log = vols.join("termination-log");
     std::fs::write(&term_log, b"").unwrap();
+    // A raw block volume (volumeDevices): a loop device over a file.
+    let block = LoopDevice::new(&vols.join("block.img"), b"KESTREL-BLOCK");
 
     let web = cri
         .start_container_with(
@@ -169,6 +213,7 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
                     (&empty_dir, "/data", false),
                     (&term_log, "/dev/termination-log", false),
                 ],
+                devices: &[(&block.device, "/dev/xvdb")],
                 ..Extra::default()
             },
         )
@@ -284,6 +329,13 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
     assert_eq!(r.exit_code, 0, "{r:?}");
     assert!(r.stdout.starts_with("one\n"), "{r:?}");
     assert!(r.stdout.ends_with(&format!("{name}\n")), "{r:?}");
+    // The block volume: its data, and a write that reaches the host device.
+    let script = "head -c 13 /dev/xvdb; echo written | dd of=/dev/xvdb bs=512 seek=2 \
+                  conv=notrunc,fsync 2>/dev/null; dd if=/dev/xvdb bs=512 skip=2 count=1 \
+                  2>/dev/null | head -c 7";
+    let r = cri.exec_sync(&side, &["sh", "-c", script], 60).unwrap();
+    assert_eq!(r.stdout, "KESTREL-BLOCKwritten", "{r:?}");
+    assert_eq!(block.read_at(1024, 7), b"written");
     let r = cri.exec_sync(&side, &["cat", "/data/note"], 60).unwrap();
     assert_eq!(r.stdout, "shared\n", "{r:?}");
     write_configmap(&cm, "..2026_02", "two");
