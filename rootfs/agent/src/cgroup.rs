@@ -188,9 +188,16 @@ pub fn resource_writes(resources: &LinuxResources) -> Vec<(&'static str, String)
 /// Applies `resources` to `group`. A controller the guest kernel lacks (no file) is
 /// skipped; any other failure is returned with the file it was for.
 pub fn apply(group: &Path, resources: &LinuxResources) -> Result<(), (String, io::Error)> {
+    use std::io::Write;
     for (file, value) in resource_writes(resources) {
         let path = group.join(file);
-        match fs::write(&path, &value) {
+        // Without O_CREAT: cgroupfs refuses to create a file with EACCES (a kernel without
+        // swap has no memory.swap.max), which must read as "absent", not as a failure.
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(value.as_bytes()));
+        match written {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 log::debug!("{} is absent; {file}={value} not applied", path.display());
@@ -204,6 +211,17 @@ pub fn apply(group: &Path, resources: &LinuxResources) -> Result<(), (String, io
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absent_controller_files_are_skipped_not_created() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("memory.max"), "max").unwrap();
+        let r: LinuxResources =
+            serde_json::from_str(r#"{"memory":{"limit":100663296,"swap":100663296}}"#).unwrap();
+        apply(dir.path(), &r).unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("memory.max")).unwrap(), "100663296");
+        assert!(!dir.path().join("memory.swap.max").exists());
+    }
 
     #[test]
     fn resources_become_cgroup_v2_writes() {
