@@ -219,7 +219,10 @@ mod tests {
         let r: LinuxResources =
             serde_json::from_str(r#"{"memory":{"limit":100663296,"swap":100663296}}"#).unwrap();
         apply(dir.path(), &r).unwrap();
-        assert_eq!(fs::read_to_string(dir.path().join("memory.max")).unwrap(), "100663296");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("memory.max")).unwrap(),
+            "100663296"
+        );
         assert!(!dir.path().join("memory.swap.max").exists());
     }
 
