@@ -863,8 +863,11 @@ impl AgentVm {
             log::warn!("the VM did not stop within 10 s");
         }
         log::debug!("guest console at the end:\n{}", self.console.lines(50));
-        if let Err(e) = tokio::fs::remove_dir_all(&self.dir).await {
-            log::warn!("cannot remove {}: {e}", self.dir.display());
+        match tokio::fs::remove_dir_all(&self.dir).await {
+            Ok(()) => {}
+            // Stopped before (a pod's VM stops at the sandbox's kill and again at its end).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove {}: {e}", self.dir.display()),
         }
     }
 }

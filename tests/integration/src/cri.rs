@@ -90,7 +90,8 @@ impl Cri {
         })
     }
 
-    /// A pod config: `name` in namespace `default`, logs under `log_dir`, its own network.
+    /// A pod config: `name` in namespace `default`, logs under `log_dir`, its own network,
+    /// the pod cgroup [`Cri::cgroup_parent`]`(name)` as kubelet's cgroupfs driver names one.
     pub fn pod_config(
         name: &str,
         log_dir: &Path,
@@ -110,6 +111,7 @@ impl Cri {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<HashMap<_, _>>(),
             linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: Self::cgroup_parent(name),
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(NamespaceOption::default()),
                     ..Default::default()
@@ -118,6 +120,12 @@ impl Cri {
             }),
             ..Default::default()
         }
+    }
+
+    /// The pod cgroup of pod `name` (kubelet makes it; the tests leave it to
+    /// [`remove_cgroup_parent`]).
+    pub fn cgroup_parent(name: &str) -> String {
+        format!("/kestrel-test/pod-{name}")
     }
 
     pub fn run_pod(
@@ -281,6 +289,16 @@ impl Cri {
             })
     }
 
+    /// PodSandboxStats (kubelet's pod-level stats).
+    pub fn pod_stats(&self, pod: &str) -> Result<v1::PodSandboxStats, tonic::Status> {
+        let mut c = self.client.clone();
+        let req = v1::PodSandboxStatsRequest {
+            pod_sandbox_id: pod.to_string(),
+        };
+        self.call(async move { c.pod_sandbox_stats(req).await })
+            .map(|r| r.stats.unwrap_or_default())
+    }
+
     pub fn container_stats(&self, id: &str) -> Result<v1::ContainerStats, tonic::Status> {
         let mut c = self.client.clone();
         let req = ContainerStatsRequest {
@@ -337,5 +355,23 @@ impl Cri {
         };
         self.call(async move { c.remove_pod_sandbox(req).await })
             .map(drop)
+    }
+}
+
+/// Removes the pod cgroup of pod `name` (and the tests' parent when empty) from every
+/// hierarchy, as kubelet does after the pod; best effort.
+pub fn remove_cgroup_parent(name: &str) {
+    let parent = Cri::cgroup_parent(name);
+    let Ok(roots) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut dirs: Vec<std::path::PathBuf> = roots.flatten().map(|e| e.path()).collect();
+    dirs.push("/sys/fs/cgroup".into());
+    for root in dirs {
+        let dir = root.join(parent.trim_start_matches('/'));
+        let _ = std::fs::remove_dir(&dir);
+        if let Some(up) = dir.parent() {
+            let _ = std::fs::remove_dir(up);
+        }
     }
 }

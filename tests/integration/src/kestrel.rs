@@ -59,7 +59,8 @@ pub fn state_dir() -> PathBuf {
 }
 
 /// Files and directories under kestrel's state directory whose name mentions `id`.
-fn leftovers(id: &str) -> Vec<PathBuf> {
+/// What kestrel's state directory still holds of task `id` (overlays, writable layers).
+pub fn leftovers(id: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, id: &str, depth: u32, found: &mut Vec<PathBuf>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;

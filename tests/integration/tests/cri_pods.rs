@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kestrel_integration_tests::cri::{Cri, Extra};
+use kestrel_integration_tests::cri::{remove_cgroup_parent, Cri, Extra};
 use kestrel_integration_tests::images;
 use kestrel_integration_tests::kestrel::{self, unique};
 
@@ -151,7 +151,8 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
     // A runc pod on the bridge.
     let runc_logs = logs.join("runc");
     std::fs::create_dir_all(&runc_logs).unwrap();
-    let runc_config = Cri::pod_config(&unique("runc-pod"), &runc_logs, &[]);
+    let runc_name = unique("runc-pod");
+    let runc_config = Cri::pod_config(&runc_name, &runc_logs, &[]);
     let runc_pod = cri.run_pod(&runc_config, "").expect("runc RunPodSandbox");
     let runc_ip = cri.pod_ip(&runc_pod);
     let runc_box = cri
@@ -376,6 +377,19 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
         .unwrap();
     assert_eq!(r.stdout.trim(), (96u64 << 20).to_string(), "{r:?}");
 
+    // Pod stats: the pod cgroup (which holds the VM) and every container's Pids answer.
+    match cri.pod_stats(&pod) {
+        Ok(stats) => {
+            let linux = stats.linux.expect("linux pod stats");
+            let mem = linux
+                .memory
+                .and_then(|m| m.working_set_bytes)
+                .map_or(0, |v| v.value);
+            assert!(mem > 0, "{linux:?}");
+        }
+        Err(e) => panic!("PodSandboxStats: {e:?}"),
+    }
+
     // Stop and remove one container: the other keeps running in the VM.
     cri.stop_container(&side, 0).unwrap();
     assert_eq!(std::fs::read_to_string(&term_log).unwrap(), "goodbye\n");
@@ -385,8 +399,25 @@ fn a_pod_of_two_containers_runs_in_one_vm_on_the_pod_network() {
 
     cri.remove_pod(&pod).expect("remove the kestrel pod");
     cri.remove_pod(&runc_pod).expect("remove the runc pod");
+    remove_cgroup_parent(&name);
+    remove_cgroup_parent(&runc_name);
     assert_exits(shim);
     assert_eq!(netns_count(), netns_before, "a network namespace is left");
+    // No state, bundle or mount of the pod or its containers.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    for id in [&pod, &web, &side] {
+        let left = kestrel::leftovers(id);
+        assert!(left.is_empty(), "kestrel state of {id} left: {left:?}");
+        let bundle = c
+            .state_dir()
+            .join("io.containerd.runtime.v2.task/k8s.io")
+            .join(id);
+        assert!(!bundle.exists(), "{} left", bundle.display());
+        assert!(
+            !mounts.contains(id.as_str()),
+            "a mount of {id} left:\n{mounts}"
+        );
+    }
     let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
     let links = String::from_utf8_lossy(&links.stdout);
     assert!(!links.contains("kestrel0"), "{links}");
@@ -411,7 +442,8 @@ fn a_vm_image_pod_joins_the_pod_network() {
     let logs = c.dir().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
 
-    let runc_config = Cri::pod_config(&unique("runc-peer"), &logs, &[]);
+    let runc_name = unique("runc-peer");
+    let runc_config = Cri::pod_config(&runc_name, &logs, &[]);
     let runc_pod = cri.run_pod(&runc_config, "").expect("runc RunPodSandbox");
     let runc_box = cri
         .start_container(&runc_pod, &runc_config, "box", BUSYBOX, &["sleep", "3600"])
@@ -472,6 +504,8 @@ fn a_vm_image_pod_joins_the_pod_network() {
     let shim = c.kestrel_shim_pid(&pod).expect("the pod's shim");
     cri.remove_pod(&pod).expect("remove the VM-image pod");
     cri.remove_pod(&runc_pod).expect("remove the runc pod");
+    remove_cgroup_parent(&name);
+    remove_cgroup_parent(&runc_name);
     assert_exits(shim);
 }
 
