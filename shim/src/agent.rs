@@ -41,7 +41,7 @@ use kestrel_agent_protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use vmm::{
     ControlSender, DiskConfig, NetConfig, TapSource, VmAction, VmConfig, VmExit, VsockConfig,
@@ -541,7 +541,12 @@ impl AgentVm {
     ) -> Result<u32, GuestError> {
         let (ports, io) = self.open_stdio(&c.stdio)?;
         let mut spec = c.spec.clone();
-        if spec.hostname().as_deref().is_none_or(str::is_empty) && new_uts(&spec) {
+        if spec.hostname().as_deref().is_none_or(str::is_empty)
+            && kestrel_agent_protocol::own_namespace(
+                &spec,
+                oci_spec::runtime::LinuxNamespaceType::Uts,
+            )
+        {
             // The container's UTS namespace would otherwise inherit the VM's "(none)".
             spec.set_hostname(Some(crate::spec::host_name(&c.id)));
         }
@@ -872,26 +877,9 @@ impl AgentVm {
     }
 }
 
-/// Whether the spec gives the container a UTS namespace of its own (a pod's containers
-/// name the sandbox's, which in the guest is the VM's).
-fn new_uts(spec: &oci_spec::runtime::Spec) -> bool {
-    use oci_spec::runtime::LinuxNamespaceType;
-    spec.linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Uts))
-        .is_some_and(|n| n.path().is_none())
-}
-
+/// Stops the VM; one that is gone already is fine.
 async fn stop(control: &ControlSender) {
-    let (tx, rx) = oneshot::channel();
-    control.send(
-        VmAction::Stop,
-        Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    );
-    let _ = rx.await;
+    let _ = crate::vm_image::send(control, VmAction::Stop).await;
 }
 
 /// One of kestrel's own calls to the agent ([`KESTREL_SERVICE`]).

@@ -5,8 +5,9 @@
 //! Create mounts the rootfs containerd handed over, and on the blocking pool decides what
 //! the image is (`/disk/*` makes it a VM image) and prepares it: the VM image's base,
 //! overlay and seed, or the container's root disk ([`crate::rootfs`]) and the copies of its
-//! bind-mounted host files. The first container boots the VM, which lives until its last
-//! container is deleted. No lock is held across a conversion or a boot.
+//! bind-mounted host files. A lone task's VM lives as long as the task; a CRI pod's VM is
+//! booted by its first container and lives as long as the sandbox task ([`crate::pod`]).
+//! No std lock is held across a conversion or a boot.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,12 +40,29 @@ use crate::spec;
 use crate::vm_image::{self, ImageError, PodSeed, StateDirs, VmImageTask};
 use crate::volumes::{self, HostBlockDevice, HostCopy};
 
+/// Runs `f` on the blocking pool; its failure is "cannot `what`" with `code` (a task of the
+/// pool that died is INTERNAL).
+async fn blocking<T, E>(
+    what: &str,
+    code: Code,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, GuestError>
+where
+    T: Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| host_err(what, Code::INTERNAL)(Box::new(e)))?
+        .map_err(|e| GuestError::host(what, code, e))
+}
+
 /// Starts a thread in the network namespace at `path` (a new one for `None`).
 async fn start_netns(path: Option<PathBuf>) -> Result<NetnsThread, GuestError> {
-    tokio::task::spawn_blocking(move || NetnsThread::start(path.as_deref()))
-        .await
-        .map_err(|e| host_err("start the network namespace thread", Code::INTERNAL)(Box::new(e)))?
-        .map_err(|e| GuestError::host("set up the network namespace", Code::INTERNAL, e))
+    blocking("set up the network namespace", Code::INTERNAL, move || {
+        NetnsThread::start(path.as_deref())
+    })
+    .await
 }
 
 /// The host file the spec bind-mounts at `/etc/resolv.conf` (CRI's, for the pod).
@@ -455,19 +473,21 @@ impl Host {
             .and_then(|l| l.cgroups_path().clone())
             .map(|p| p.to_string_lossy().into_owned());
         let resolv = resolv_conf_source(&c.spec);
-        let (cgroup, dns) = tokio::task::spawn_blocking(move || {
-            let dns = resolv
-                .and_then(|p| std::fs::read_to_string(p).ok())
-                .map(|t| pod::Dns::parse(&t))
-                .unwrap_or_default();
-            cgroups_path
-                .map(|p| cgroups::join(&p))
-                .transpose()
-                .map(|j| (j, dns))
-        })
-        .await
-        .map_err(|e| host_err("join the sandbox's cgroup", Code::INTERNAL)(Box::new(e)))?
-        .map_err(|e| GuestError::host("join the sandbox's cgroup", Code::INVALID_ARGUMENT, e))?;
+        let (cgroup, dns) = blocking(
+            "join the sandbox's cgroup",
+            Code::INVALID_ARGUMENT,
+            move || {
+                let dns = resolv
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .map(|t| pod::Dns::parse(&t))
+                    .unwrap_or_default();
+                cgroups_path
+                    .map(|p| cgroups::join(&p))
+                    .transpose()
+                    .map(|j| (j, dns))
+            },
+        )
+        .await?;
         let plan = PodPlan {
             vm,
             slots,
@@ -508,10 +528,10 @@ impl Host {
         let netns = Arc::new(start_netns(path).await?);
         let attached = {
             let netns = netns.clone();
-            tokio::task::spawn_blocking(move || podnet::attach(&netns))
-                .await
-                .map_err(|e| host_err("wire the pod network", Code::INTERNAL)(Box::new(e)))?
-                .map_err(|e| GuestError::host("wire the pod network", Code::INTERNAL, e))?
+            blocking("wire the pod network", Code::INTERNAL, move || {
+                podnet::attach(&netns)
+            })
+            .await?
         };
         Ok((netns, attached))
     }
@@ -670,7 +690,7 @@ impl Host {
         if has_vm || self.booting.swap(true, Ordering::SeqCst) {
             return Err(GuestError::Unsupported(
                 "a second container in one shim",
-                "this kestrel version (each container gets its own shim and VM; pods come later)",
+                "a lone task's shim (each ctr task gets its own shim and VM; a CRI pod's containers share theirs)",
             ));
         }
         let result = self.boot_and_create(c, parts).await;
@@ -775,9 +795,9 @@ impl Guest for Host {
         let pid = if let Some(task) = self.vm_image(id) {
             task.start(id).await?;
             std::process::id()
-        } else if self.sandbox(id).is_some() && exec.is_empty() {
-            // The VM runs since Create; the task's pid is the netns thread's.
-            self.entries().get(id).map_or(0, |e| e.pid)
+        } else if let Some(sandbox) = self.sandbox(id).filter(|_| exec.is_empty()) {
+            // Nothing to start: the task's pid is the netns thread's.
+            sandbox.netns.tid()
         } else {
             self.agent(id)?.start(id, exec).await?
         };
@@ -837,10 +857,9 @@ impl Guest for Host {
                 ..Default::default()
             }]);
         }
-        if self.sandbox(id).is_some() {
-            let pid = self.entries().get(id).map_or(0, |e| e.pid);
+        if let Some(sandbox) = self.sandbox(id) {
             return Ok(vec![ProcessInfo {
-                pid,
+                pid: sandbox.netns.tid(),
                 ..Default::default()
             }]);
         }
@@ -861,10 +880,12 @@ impl Guest for Host {
             _ => None,
         };
         match whole_vm {
-            Some(limit) => tokio::task::spawn_blocking(move || cgroups::process_metrics(limit))
+            Some(limit) => {
+                blocking("read the VM's statistics", Code::INTERNAL, move || {
+                    cgroups::process_metrics(limit)
+                })
                 .await
-                .map_err(|e| host_err("read the VM's statistics", Code::INTERNAL)(Box::new(e)))?
-                .map_err(|e| GuestError::host("read the VM's statistics", Code::INTERNAL, e)),
+            }
             None => self.agent(id)?.stats(id).await,
         }
     }

@@ -221,6 +221,19 @@ impl StdioPort {
 /// so the agent waits until the device has this size before it mounts it.
 pub const SIZE_OPTION: &str = "kestrel.size=";
 
+/// Whether the spec gives the container a namespace of `typ` of its own. One with a `path`
+/// names a host namespace (a pod's containers name the sandbox's): in the guest that is the
+/// VM's, which the container shares; none at all is the VM's too.
+pub fn own_namespace(
+    spec: &oci_spec::runtime::Spec,
+    typ: oci_spec::runtime::LinuxNamespaceType,
+) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == typ && n.path().is_none()))
+}
+
 /// The rootfs mount of a container whose root is the disk with `serial`, of `size` bytes.
 pub fn rootfs_mount(serial: &str, fstype: &str, read_only: bool, size: u64) -> protos::api::Mount {
     let mut options = vec![format!("{SIZE_OPTION}{size}")];
@@ -330,6 +343,21 @@ mod tests {
         assert_eq!(GuestEvent::from_line(&line).unwrap(), e);
         assert!(GuestEvent::from_line("{\"event\":\"reboot\"}").is_err());
         assert!(GuestEvent::from_line("not json").is_err());
+    }
+
+    #[test]
+    fn own_namespaces_are_those_without_a_path() {
+        use oci_spec::runtime::LinuxNamespaceType::{Ipc, Network, Uts};
+        let spec: oci_spec::runtime::Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"uts"},{"type":"ipc","path":"/proc/7/ns/ipc"}]}}"#,
+        )
+        .unwrap();
+        assert!(own_namespace(&spec, Uts));
+        assert!(!own_namespace(&spec, Ipc));
+        assert!(!own_namespace(&spec, Network));
+        let none: oci_spec::runtime::Spec =
+            serde_json::from_str(r#"{"ociVersion":"1.0.2"}"#).unwrap();
+        assert!(!own_namespace(&none, Uts));
     }
 
     #[test]

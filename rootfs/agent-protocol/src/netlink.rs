@@ -159,7 +159,7 @@ impl Netlink {
                             }),
                         }
                     }
-                    NetlinkPayload::Noop | NetlinkPayload::Overrun(_) => {}
+                    // Noop, Overrun, and whatever later versions add: nothing to collect.
                     _ => {}
                 }
             }

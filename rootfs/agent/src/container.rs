@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use kestrel_agent_protocol::oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process};
-use kestrel_agent_protocol::{ContainerConfig, StdioPort, SERIAL_PREFIX};
+use kestrel_agent_protocol::{own_namespace, ContainerConfig, StdioPort, SERIAL_PREFIX};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
@@ -263,9 +263,7 @@ impl Agent {
         let copied = crate::volumes::place(&dir.join("copied"), &config.copied)?;
         let mut devices = Vec::new();
         for d in &config.block_devices {
-            let (node, sysfs) = device_by_serial(&d.serial)?;
-            await_size(&node, &sysfs, &d.serial, d.size)?;
-            devices.push((d.path.clone(), node));
+            devices.push((d.path.clone(), disk_by_serial(&d.serial, Some(d.size))?));
         }
         let group = cgroup::path(id);
         fs::create_dir_all(&group).map_err(io_err(format!("create cgroup {}", group.display())))?;
@@ -286,8 +284,8 @@ impl Agent {
                 .and_then(|r| r.readonly())
                 .unwrap_or(false),
             hostname: spec.hostname().clone(),
-            share_uts: !new_namespace(&linux, LinuxNamespaceType::Uts),
-            share_ipc: !new_namespace(&linux, LinuxNamespaceType::Ipc),
+            share_uts: !own_namespace(&spec, LinuxNamespaceType::Uts),
+            share_ipc: !own_namespace(&spec, LinuxNamespaceType::Ipc),
             devices,
             mounts: spec.mounts().clone().unwrap_or_default(),
             copied,
@@ -611,20 +609,6 @@ impl Agent {
     }
 }
 
-/// Whether the spec asks for a namespace of `typ` of the container's own. One with a
-/// `path` names a host namespace (a pod's containers name the sandbox's): in the guest
-/// that is the VM's, which the container shares; none at all is the VM's too.
-fn new_namespace(
-    linux: &kestrel_agent_protocol::oci_spec::runtime::Linux,
-    typ: LinuxNamespaceType,
-) -> bool {
-    linux
-        .namespaces()
-        .iter()
-        .flatten()
-        .any(|n| n.typ() == typ && n.path().is_none())
-}
-
 fn apply_resources(group: &Path, r: &LinuxResources) -> Result<(), AgentError> {
     cgroup::apply(group, r).map_err(|(what, source)| AgentError::Io { what, source })
 }
@@ -650,6 +634,16 @@ fn cleanup_dir(dir: &Path, group: &Path) {
         }
     }
     let _ = fs::remove_dir(group);
+}
+
+/// The disk with virtio serial `serial` (`/dev/vdX`), once it has `size` bytes when a size
+/// is announced (see [`await_size`]).
+fn disk_by_serial(serial: &str, size: Option<u64>) -> Result<PathBuf, AgentError> {
+    let (device, sysfs) = device_by_serial(serial)?;
+    if let Some(size) = size {
+        await_size(&device, &sysfs, serial, size)?;
+    }
+    Ok(device)
 }
 
 /// The block device whose virtio serial is `serial` (`/dev/vdX`) and its sysfs directory.
@@ -720,10 +714,7 @@ fn mount_rootfs(
             m.source
         ))
     })?;
-    let (device, sysfs) = device_by_serial(serial)?;
-    if let Some(size) = kestrel_agent_protocol::mount_size(m) {
-        await_size(&device, &sysfs, serial, size)?;
-    }
+    let device = disk_by_serial(serial, kestrel_agent_protocol::mount_size(m))?;
     let mut flags = MsFlags::empty();
     if m.options.iter().any(|o| o == "ro") {
         flags |= MsFlags::MS_RDONLY;

@@ -47,15 +47,20 @@ impl AgentError {
     }
 }
 
-fn status(e: AgentError) -> ttrpc::Error {
+/// An error and its causes on one line, outermost first (`what: why: why…`).
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
-    let mut cur = std::error::Error::source(&e);
+    let mut cur = e.source();
     while let Some(c) = cur {
         msg.push_str(": ");
         msg.push_str(&c.to_string());
         cur = c.source();
     }
-    ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), msg))
+    msg
+}
+
+fn status(e: AgentError) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), error_chain(&e)))
 }
 
 fn invalid(msg: String) -> ttrpc::Error {
@@ -334,15 +339,7 @@ fn setup_pod() -> Result<bool, String> {
     };
     Netlink::open()
         .and_then(|mut nl| nl.apply(&net))
-        .map_err(|e| {
-            let mut msg = format!("cannot configure the pod network: {e}");
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                msg.push_str(&format!(": {c}"));
-                cur = c.source();
-            }
-            msg
-        })?;
+        .map_err(|e| format!("cannot configure the pod network: {}", error_chain(&e)))?;
     let addresses: Vec<String> = net.addresses.iter().map(ToString::to_string).collect();
     println!(
         "kestrel-agent: pod network {} on {}",
