@@ -18,6 +18,7 @@ mod forward;
 mod guest;
 mod hooks;
 mod host;
+mod logger;
 mod model;
 mod netns;
 mod pod;
@@ -34,6 +35,8 @@ async fn main() {
     let config = containerd_shim::Config {
         // The VM runs in this process: there are no child processes to reap.
         no_reaper: true,
+        // Our own logger writes each line at once (`logger`); installed by `Service::new`.
+        no_setup_logger: true,
         ..Default::default()
     };
     containerd_shim::asynchronous::run::<service::Service>(

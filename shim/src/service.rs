@@ -29,6 +29,13 @@ impl Shim for Service {
     type T = TaskService;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        // The serving shim (no action) logs to the bundle's FIFO; `start` and `delete`
+        // have none (containerd reads their stdout).
+        if args.action.is_empty() && !args.socket.is_empty() {
+            if let Err(e) = crate::logger::LineLogger::install(args.debug) {
+                eprintln!("kestrel shim: cannot open the log FIFO: {e}");
+            }
+        }
         Service {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
