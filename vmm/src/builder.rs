@@ -169,7 +169,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     // virtio devices, announced on the kernel command line.
     let mut device_manager = DeviceManager::default();
     for disk in std::mem::take(&mut config.disks) {
-        device_manager.add_block(&vm, &mut mmio, &mut manager, disk)?;
+        device_manager.add_block(&vm, &mut mmio, disk)?;
     }
     for net in std::mem::take(&mut config.nets) {
         device_manager.add_net(&vm, &mut mmio, &mut manager, net)?;
@@ -237,6 +237,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
         manager,
         exit: exit.clone(),
         vcpus: threads,
+        block_threads: device_manager.take_block_threads(),
         on_exit: config.on_exit.take(),
     };
     // The VM (KVM fds, guest memory) lives as long as the VMM thread.

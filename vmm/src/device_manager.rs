@@ -1,7 +1,8 @@
 //! Places virtio-mmio devices: a 4 KiB MMIO window and an IRQ each, the irqfd and
-//! ioeventfds that connect them to KVM, the VMM-thread subscriber that processes their
-//! queues, and the `virtio_mmio.device=` entry that tells the guest kernel where they are.
-//! Runs on the builder's thread before the vCPUs start.
+//! ioeventfds that connect them to KVM, the subscriber that processes their queues (on
+//! the VMM thread; each disk on a device thread of its own, so a slow disk stalls no
+//! other device), and the `virtio_mmio.device=` entry that tells the guest kernel where
+//! they are. Runs on the builder's thread before the vCPUs start.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,10 +15,11 @@ use devices::virtio::net::{
 };
 use devices::virtio::rng::{Rng, RngError};
 use devices::virtio::vsock::{Vsock, VsockError, VsockMetrics};
+use devices::virtio::worker::DeviceThread;
 use devices::virtio::{
     MmioError, MmioTransport, VirtioDevice, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
 };
-use event_manager::{MutEventSubscriber, SubscriberOps};
+use event_manager::SubscriberOps;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::{IRQ_MAX, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
@@ -92,6 +94,12 @@ pub enum DeviceError {
     Transport(#[source] MmioError),
     #[error("cannot create an interrupt event")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot start the thread of virtio-blk device {index}")]
+    BlockThread {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("cannot place a virtio-mmio window on the bus")]
@@ -105,6 +113,8 @@ pub struct DeviceManager {
     cmdline: Vec<String>,
     block_metrics: Vec<Arc<BlockMetrics>>,
     blocks: Vec<Arc<Mutex<Block>>>,
+    /// The disks' device threads, stopped and joined when dropped.
+    block_threads: Vec<DeviceThread>,
     net_metrics: Vec<Arc<NetMetrics>>,
     vsock_metrics: Option<Arc<VsockMetrics>>,
 }
@@ -117,6 +127,7 @@ impl Default for DeviceManager {
             cmdline: Vec::new(),
             block_metrics: Vec::new(),
             blocks: Vec::new(),
+            block_threads: Vec::new(),
             net_metrics: Vec::new(),
             vsock_metrics: None,
         }
@@ -124,12 +135,11 @@ impl Default for DeviceManager {
 }
 
 impl DeviceManager {
-    /// Attaches a virtio-blk disk.
+    /// Attaches a virtio-blk disk, served on a thread of its own (`kestrel-blk<index>`).
     pub fn add_block(
         &mut self,
         vm: &Vm,
         mmio: &mut Bus,
-        manager: &mut Manager,
         disk: DiskConfig,
     ) -> Result<(), DeviceError> {
         let index = self.block_metrics.len();
@@ -138,8 +148,16 @@ impl DeviceManager {
         self.block_metrics.push(block.metrics());
         let block = Arc::new(Mutex::new(block));
         self.blocks.push(block.clone());
-        self.add_virtio(vm, mmio, manager, block.clone(), block)?;
+        self.add_virtio(vm, mmio, block.clone())?;
+        let thread = DeviceThread::spawn(format!("kestrel-blk{index}"), block)
+            .map_err(|source| DeviceError::BlockThread { index, source })?;
+        self.block_threads.push(thread);
         Ok(())
+    }
+
+    /// The disks' device threads, for the VMM thread to stop once the vCPUs are gone.
+    pub fn take_block_threads(&mut self) -> Vec<DeviceThread> {
+        std::mem::take(&mut self.block_threads)
     }
 
     /// The virtio-blk devices, in order (for [`crate::VmAction::ReplaceDisk`]).
@@ -170,7 +188,9 @@ impl DeviceManager {
             Net::new(backend, net.mac).map_err(|source| DeviceError::Net { index, source })?;
         self.net_metrics.push(device.metrics());
         let device = Arc::new(Mutex::new(device));
-        self.add_virtio(vm, mmio, manager, device.clone(), device)
+        self.add_virtio(vm, mmio, device.clone())?;
+        manager.add_subscriber(device);
+        Ok(())
     }
 
     /// Attaches the vsock device (one per VM).
@@ -184,7 +204,9 @@ impl DeviceManager {
         let device = Vsock::new(cfg.cid, &cfg.socket).map_err(DeviceError::Vsock)?;
         self.vsock_metrics = Some(device.metrics());
         let device = Arc::new(Mutex::new(device));
-        self.add_virtio(vm, mmio, manager, device.clone(), device)
+        self.add_virtio(vm, mmio, device.clone())?;
+        manager.add_subscriber(device);
+        Ok(())
     }
 
     /// Attaches the entropy device (virtio-rng over the host's /dev/urandom).
@@ -195,17 +217,18 @@ impl DeviceManager {
         manager: &mut Manager,
     ) -> Result<(), DeviceError> {
         let device = Arc::new(Mutex::new(Rng::new().map_err(DeviceError::Rng)?));
-        self.add_virtio(vm, mmio, manager, device.clone(), device)
+        self.add_virtio(vm, mmio, device.clone())?;
+        manager.add_subscriber(device);
+        Ok(())
     }
 
-    /// Wires one virtio device: transport on the bus, irqfd, ioeventfds, subscriber.
+    /// Wires one virtio device: transport on the bus, irqfd, ioeventfds (the caller puts
+    /// its subscriber on an event loop).
     fn add_virtio<D>(
         &mut self,
         vm: &Vm,
         mmio: &mut Bus,
-        manager: &mut Manager,
         device: Arc<Mutex<D>>,
-        subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>>,
     ) -> Result<(), DeviceError>
     where
         D: VirtioDevice + 'static,
@@ -224,7 +247,6 @@ impl DeviceManager {
         }
         mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)
             .map_err(DeviceError::Bus)?;
-        manager.add_subscriber(subscriber);
         self.cmdline
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
         self.next_base += MMIO_WINDOW_SIZE;

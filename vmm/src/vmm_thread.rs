@@ -1,7 +1,8 @@
 //! The VMM thread: one `event_manager::EventManager` loop that owns every host-side event
-//! source of the VM — the exit event, the guest console's input, the control channel (and,
-//! as devices arrive, virtio queues, taps and sockets). It ends when the VM must stop, then
-//! kicks and joins the vCPU threads.
+//! source of the VM — the exit event, the guest console's input, the control channel, and
+//! the virtio-net, vsock and rng queues with their taps and sockets (each disk has a device
+//! thread of its own). It ends when the VM must stop, then kicks and joins the vCPU
+//! threads and stops the disks' threads.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -245,6 +246,8 @@ pub(crate) struct VmmThread {
     pub manager: Manager,
     pub exit: Arc<ExitState>,
     pub vcpus: Vec<VcpuThread>,
+    /// The disks' device threads (see `devices::virtio::worker`).
+    pub block_threads: Vec<devices::virtio::worker::DeviceThread>,
     pub on_exit: Option<crate::config::OnExit>,
 }
 
@@ -294,6 +297,7 @@ impl VmmThread {
             mut manager,
             exit,
             vcpus,
+            block_threads,
             on_exit,
         } = self;
         while !exit.stopping() {
@@ -307,6 +311,8 @@ impl VmmThread {
         for v in vcpus {
             v.join();
         }
+        // Each disk finishes the request in progress; its file is closed after the join.
+        block_threads.into_iter().for_each(|t| t.stop());
         drop(manager);
         let reason = exit.reason().unwrap_or(VmExit::Stopped);
         if let Some(cb) = on_exit {

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::disk::{check_range, DiskBackend, DiskError};
+use devices::disk::{check_range, DiskBackend, DiskError, IoBufs};
 use vmm::{start_vm, BuildVmError, DiskConfig, VmAction, VmConfig, VmExit};
 
 fn kvm_unavailable() -> Option<String> {
@@ -355,14 +355,14 @@ impl DiskBackend for MemDisk {
     fn read_only(&self) -> bool {
         false
     }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, self.size())?;
-        buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+    fn read_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        check_range(offset, bufs.len(), self.size())?;
+        bufs.copy_from(&self.0[offset as usize..(offset + bufs.len()) as usize]);
         Ok(())
     }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, self.size())?;
-        self.0[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+    fn write_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        check_range(offset, bufs.len(), self.size())?;
+        bufs.copy_to(&mut self.0[offset as usize..(offset + bufs.len()) as usize]);
         Ok(())
     }
     fn flush(&mut self) -> Result<(), DiskError> {

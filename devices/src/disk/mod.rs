@@ -2,11 +2,15 @@
 //!
 //! The VMM only ever opens raw files (DESIGN.md, "Disks and images"): a QCOW2 image is
 //! converted to raw before a VM starts, so the backends here are a plain raw file and a
-//! copy-on-write overlay over a shared read-only raw base. Backends are used from the VMM
-//! thread only (one request at a time per device), hence `&mut self` and `Send`.
+//! copy-on-write overlay over a shared read-only raw base. A backend is used by its
+//! device's thread only (one request at a time per device), hence `&mut self` and `Send`.
+//! Data moves between the file and guest memory by vectored I/O ([`IoBufs`]), uncopied.
 
+pub mod iov;
 pub mod overlay;
 pub mod raw;
+
+pub use iov::IoBufs;
 
 use std::io;
 
@@ -36,10 +40,18 @@ pub trait DiskBackend: Send {
     fn size(&self) -> u64;
     /// True when writes, discards and write-zeroes must be refused.
     fn read_only(&self) -> bool;
-    /// Fills `buf` from `offset` (exact; short reads past EOF of a sparse file read zeroes).
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
+    /// Fills `bufs` (guest memory, straight from the kernel) from `offset`, exactly.
+    fn read_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError>;
+    /// Writes all of `bufs` at `offset`.
+    fn write_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError>;
+    /// Fills `buf` from `offset`, exactly.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.read_vectored_at(offset, &IoBufs::from_slice(buf))
+    }
     /// Writes all of `buf` at `offset`.
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError>;
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        self.write_vectored_at(offset, &IoBufs::from_shared(buf))
+    }
     /// Makes every acknowledged write durable (fdatasync and whatever metadata it needs).
     fn flush(&mut self) -> Result<(), DiskError>;
     /// The guest no longer needs `[offset, offset+len)`; reads of it may return zeroes
@@ -62,11 +74,11 @@ impl DiskBackend for EmptyDisk {
     fn read_only(&self) -> bool {
         false
     }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, 0)
+    fn read_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        check_range(offset, bufs.len(), 0)
     }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, 0)
+    fn write_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        check_range(offset, bufs.len(), 0)
     }
     fn flush(&mut self) -> Result<(), DiskError> {
         Ok(())

@@ -2,7 +2,7 @@
 //! images"): N VMs of one image share one base; each writes only into its own sparse
 //! overlay file.
 //!
-//! Used from the VMM thread (one request at a time per device, see [`super`]).
+//! Used from its device's thread (one request at a time per device, see [`super`]).
 //!
 //! # On-disk format (version 1; all integers little-endian)
 //!
@@ -44,7 +44,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::raw::{punch_hole, write_zeroes_slow};
-use super::{check_range, DiskBackend, DiskError};
+use super::{check_range, DiskBackend, DiskError, IoBufs};
 
 /// Magic at offset 0 of an overlay file.
 pub const OVERLAY_MAGIC: [u8; 8] = *b"KSTLCOW\0";
@@ -396,9 +396,9 @@ impl DiskBackend for Overlay {
         false
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, self.layout.size)?;
-        let end = offset + buf.len() as u64;
+    fn read_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        check_range(offset, bufs.len(), self.layout.size)?;
+        let end = offset + bufs.len();
         let shift = self.layout.chunk_shift;
         let mut pos = offset;
         while pos < end {
@@ -408,20 +408,12 @@ impl DiskBackend for Overlay {
             while run_end < end && self.is_allocated(run_end >> shift) == allocated {
                 run_end = self.chunk_end(run_end >> shift).min(end);
             }
-            let dst = buf
-                .get_mut((pos - offset) as usize..(run_end - offset) as usize)
-                .ok_or(DiskError::OutOfRange {
-                    offset,
-                    len: end - offset,
-                    size: self.layout.size,
-                })?;
+            let dst = bufs.range(pos - offset, run_end - offset);
             if allocated {
-                self.overlay
-                    .read_exact_at(dst, self.layout.data_offset + pos)
+                dst.read_exact_at(&self.overlay, self.layout.data_offset + pos)
                     .map_err(disk_io("overlay (read)"))?;
             } else {
-                self.base
-                    .read_exact_at(dst, pos)
+                dst.read_exact_at(&self.base, pos)
                     .map_err(disk_io("base (read)"))?;
             }
             pos = run_end;
@@ -429,16 +421,15 @@ impl DiskBackend for Overlay {
         Ok(())
     }
 
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, self.layout.size)?;
-        if buf.is_empty() {
+    fn write_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        check_range(offset, bufs.len(), self.layout.size)?;
+        if bufs.is_empty() {
             return Ok(());
         }
-        let end = offset + buf.len() as u64;
+        let end = offset + bufs.len();
         self.copy_up_edges(offset, end)?;
         // The data sits at its own offset in the overlay, so one write covers the range.
-        self.overlay
-            .write_all_at(buf, self.layout.data_offset + offset)
+        bufs.write_all_at(&self.overlay, self.layout.data_offset + offset)
             .map_err(disk_io("overlay (write)"))?;
         self.mark(offset, end);
         Ok(())

@@ -8,7 +8,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{check_range, DiskBackend, DiskError};
+use super::{check_range, DiskBackend, DiskError, IoBufs};
 
 /// Size of the zero buffer used when punching holes is not supported.
 const ZERO_CHUNK: usize = 64 << 10;
@@ -113,20 +113,18 @@ impl DiskBackend for RawFile {
         self.read_only
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.file
-            .read_exact_at(buf, offset)
+    fn read_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        check_range(offset, bufs.len(), self.size)?;
+        bufs.read_exact_at(&self.file, offset)
             .map_err(io_err("image file (read)"))
     }
 
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+    fn write_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.file
-            .write_all_at(buf, offset)
+        check_range(offset, bufs.len(), self.size)?;
+        bufs.write_all_at(&self.file, offset)
             .map_err(io_err("image file (write)"))
     }
 

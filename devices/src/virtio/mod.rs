@@ -8,19 +8,23 @@
 //!   queues and the interrupt to the device ([`device::VirtioDevice::activate`]).
 //! - [`device::VirtioDevice`]: what a device (block, later net and vsock) implements.
 //! - [`block::Block`]: virtio-blk over a [`DiskBackend`](crate::disk::DiskBackend). Its
-//!   queue is processed on the **VMM thread** only, by its `event_manager` subscriber.
+//!   queue is processed by its `event_manager` subscriber on **its own device thread**
+//!   ([`worker::DeviceThread`]), so one slow disk stalls nothing else; net, vsock and rng
+//!   are served on the **VMM thread**.
 //!
 //! # Threading contract
 //!
 //! A device is shared as `Arc<Mutex<Block>>` between the transport (vCPU threads: register
-//! accesses, activation, reset) and the VMM thread's `EventManager` (queue processing). The
-//! lock order is always *transport → device*; the VMM thread only ever takes the device lock,
-//! and the device never calls back into the transport, so the two cannot deadlock.
+//! accesses, activation, reset) and the `EventManager` that serves its queue (the VMM
+//! thread's, or the device thread's). The lock order is always *transport → device*; the
+//! event loop only ever takes the device lock, and the device never calls back into the
+//! transport, so the two cannot deadlock. The interrupt status lives in the transport
+//! (an atomic), so the guest's interrupt handler never waits for a device busy on I/O.
 //!
 //! Activation is handed off like Firecracker does: `activate` (vCPU thread) stores memory,
 //! queues and interrupt and writes the device's `activate_evt`; the device's subscriber,
 //! registered at build time and watching only `activate_evt`, then registers the queue
-//! EventFds on the VMM thread. Queue processing never runs on a vCPU thread. A reset (the
+//! EventFds on its event loop. Queue processing never runs on a vCPU thread. A reset (the
 //! driver writes 0 to STATUS) drops the device's memory and queues; the queue EventFds stay
 //! registered and events that arrive while the device is inactive are drained and ignored.
 //!
@@ -41,8 +45,9 @@
 //! }
 //! // 5. bus: the 4 KiB window
 //! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
-//! // 6. VMM thread: the device's event subscriber (registers `activate_evt` in `init`)
-//! event_manager.add_subscriber(block.clone());   // EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>
+//! // 6. the device's event subscriber (registers `activate_evt` in `init`), on a thread
+//! //    of its own (net, vsock, rng: `event_manager.add_subscriber(dev)` on the VMM thread)
+//! let thread = DeviceThread::spawn("kestrel-blk0".into(), block.clone())?; // joined on drop
 //! // 7. kernel command line
 //! cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
 //! // metrics at any time, without the device lock: block.lock()?.metrics() -> Arc<BlockMetrics>
@@ -58,9 +63,10 @@ pub mod net;
 pub mod rng;
 pub mod single_queue;
 pub mod vsock;
+pub mod worker;
 
-#[cfg(test)]
-pub(crate) mod test_utils;
+#[cfg(any(test, feature = "test-harness"))]
+pub mod test_utils;
 
 use std::fmt;
 use std::time::{Duration, Instant};

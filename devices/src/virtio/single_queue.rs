@@ -1,5 +1,6 @@
-//! What every one-queue device (virtio-blk, virtio-rng) does the same way on the **VMM
-//! thread**: the `event_manager` subscriber protocol, and serving the queue in batches.
+//! What every one-queue device (virtio-blk, virtio-rng) does the same way on its event
+//! loop (virtio-rng's is the **VMM thread**, each virtio-blk disk's its **device thread**):
+//! the `event_manager` subscriber protocol, and serving the queue in batches.
 //!
 //! Subscriber: at build time it watches only `activate_evt`. When the transport activates
 //! the device (vCPU thread) and writes `activate_evt`, the queue EventFd goes into the event
@@ -39,7 +40,7 @@ pub trait SingleQueue {
 
 /// The activation checks of a one-queue device (vCPU thread, from
 /// `VirtioDevice::activate`): not active yet, exactly one queue and it is ready; then
-/// `activate_evt` is written so the subscriber registers the queue on the VMM thread.
+/// `activate_evt` is written so the subscriber registers the queue on its event loop.
 pub fn activate(
     already_active: bool,
     queues: Vec<Queue>,

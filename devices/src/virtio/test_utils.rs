@@ -1,3 +1,11 @@
+// Harness code for tests and benches: an unwrap is an assertion here.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::new_without_default
+)]
+
 //! A host-side virtio driver for tests: guest memory, an in-memory disk, and a "VMM" with an
 //! MMIO bus and an `EventManager`, driven exactly as a Linux guest driver and the vmm do.
 //!
@@ -17,7 +25,7 @@ use super::device::GuestMemoryMmap;
 use super::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use super::status;
 use crate::bus::Bus;
-use crate::disk::{check_range, DiskBackend, DiskError};
+use crate::disk::{check_range, DiskBackend, DiskError, IoBufs};
 use crate::irq::CountingIrq;
 
 /// Descriptor direction: device-readable.
@@ -77,18 +85,18 @@ impl DiskBackend for MemDisk {
     fn read_only(&self) -> bool {
         self.state().read_only
     }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        let r = self.range(offset, buf.len() as u64)?;
-        buf.copy_from_slice(&self.state().data[r]);
+    fn read_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        let r = self.range(offset, bufs.len())?;
+        bufs.copy_from(&self.state().data[r]);
         Ok(())
     }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
-        let r = self.range(offset, buf.len() as u64)?;
+    fn write_vectored_at(&mut self, offset: u64, bufs: &IoBufs<'_>) -> Result<(), DiskError> {
+        let r = self.range(offset, bufs.len())?;
         let mut s = self.state();
         if s.read_only {
             return Err(DiskError::ReadOnly);
         }
-        s.data[r].copy_from_slice(buf);
+        bufs.copy_to(&mut s.data[r]);
         Ok(())
     }
     fn flush(&mut self) -> Result<(), DiskError> {
@@ -132,8 +140,13 @@ pub struct TestVmm {
 
 impl TestVmm {
     pub fn new() -> Self {
+        Self::with_memory(guest_memory())
+    }
+
+    /// A vmm over `mem` (benches that need room for many buffers).
+    pub fn with_memory(mem: GuestMemoryMmap) -> Self {
         TestVmm {
-            mem: guest_memory(),
+            mem,
             bus: Bus::new(),
             em: EventManager::new().unwrap(),
         }
@@ -150,6 +163,28 @@ impl TestVmm {
         }
     }
 
+    /// Wires a block device as the vmm does, on a device thread of its own (which the
+    /// test's [`TestVmm::run`] does not drive); the thread stops when dropped.
+    pub fn add_block_on_thread(
+        &mut self,
+        block: Block,
+        base: u64,
+    ) -> (Slot, crate::virtio::worker::DeviceThread) {
+        let block = Arc::new(Mutex::new(block));
+        let (transport, irq) = self.add_transport(block.clone(), base);
+        let thread =
+            crate::virtio::worker::DeviceThread::spawn(format!("test-blk{base:x}"), block.clone())
+                .unwrap();
+        (
+            Slot {
+                transport,
+                block,
+                irq,
+            },
+            thread,
+        )
+    }
+
     /// Wires any virtio device at `base`: transport on the bus, subscriber in the loop.
     pub fn add_device<D>(
         &mut self,
@@ -159,6 +194,20 @@ impl TestVmm {
     where
         D: crate::virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
     {
+        let wired = self.add_transport(device.clone(), base);
+        self.em.add_subscriber(device);
+        wired
+    }
+
+    /// The transport of `device` on the bus at `base`.
+    fn add_transport<D>(
+        &mut self,
+        device: Arc<Mutex<D>>,
+        base: u64,
+    ) -> (Arc<Mutex<MmioTransport>>, CountingIrq)
+    where
+        D: crate::virtio::VirtioDevice + Send + 'static,
+    {
         let irq = CountingIrq::default();
         let transport =
             MmioTransport::new(self.mem.clone(), device.clone(), Arc::new(irq.clone())).unwrap();
@@ -166,7 +215,6 @@ impl TestVmm {
         self.bus
             .insert(transport.clone(), base, MMIO_WINDOW_SIZE)
             .unwrap();
-        self.em.add_subscriber(device);
         (transport, irq)
     }
 
@@ -224,9 +272,14 @@ pub mod reg {
 /// The driver side of one device: Linux's virtio_mmio probe sequence, then requests.
 pub struct Driver<'a> {
     pub base: u64,
+    /// Its descriptor table and available ring (written here, modulo the size).
     pub vq: MockSplitQueue<'a, GuestMemoryMmap>,
+    /// The used ring, right after the available ring (the mock's own `used_addr`
+    /// overlaps the upper half of its available ring).
+    pub used_addr: GuestAddress,
     pub mem: &'a GuestMemoryMmap,
     next_desc: u16,
+    next_avail: u16,
     size: u16,
     last_used: u16,
 }
@@ -235,11 +288,15 @@ impl<'a> Driver<'a> {
     /// A driver whose queue (of `size` entries) lives at `queue_base`.
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, queue_base: u64, size: u16) -> Self {
         let vq = MockSplitQueue::create(mem, GuestAddress(queue_base), size);
+        // flags, idx, ring[size], used_event; the used ring is 4-byte aligned.
+        let avail_end = vq.avail_addr().0 + 6 + 2 * u64::from(size);
         Driver {
             base,
             vq,
+            used_addr: GuestAddress((avail_end + 3) & !3),
             mem,
             next_desc: 0,
+            next_avail: 0,
             size,
             last_used: 0,
         }
@@ -303,7 +360,7 @@ impl<'a> Driver<'a> {
         let (lo, hi) = split(self.vq.avail_addr());
         self.write(vmm, reg::QUEUE_AVAIL_LOW, lo);
         self.write(vmm, reg::QUEUE_AVAIL_HIGH, hi);
-        let (lo, hi) = split(self.vq.used_addr());
+        let (lo, hi) = split(self.used_addr);
         self.write(vmm, reg::QUEUE_USED_LOW, lo);
         self.write(vmm, reg::QUEUE_USED_HIGH, hi);
         self.write(vmm, reg::QUEUE_READY, 1);
@@ -348,9 +405,27 @@ impl<'a> Driver<'a> {
                 RawDescriptor::from(Descriptor::new(d.addr().0, d.len(), flags, next))
             })
             .collect();
-        self.vq.add_desc_chains(&linked, head).unwrap();
+        self.add_raw(&linked, head);
         self.next_desc += n;
         head
+    }
+
+    /// Stores `descs` as they are from table index `head` on and makes `head` available
+    /// (for chains the harness would not build, e.g. loops).
+    pub fn add_raw(&mut self, descs: &[RawDescriptor], head: u16) {
+        for (i, d) in descs.iter().enumerate() {
+            self.vq.desc_table().store(head + i as u16, *d).unwrap();
+        }
+        let ring = self.vq.avail_addr();
+        let slot = u64::from(self.next_avail % self.size);
+        self.mem
+            .write_obj(head, ring.unchecked_add(4 + 2 * slot))
+            .unwrap();
+        self.next_avail = self.next_avail.wrapping_add(1);
+        // The index after the entry (x86 keeps the stores in order, as a guest's wmb).
+        self.mem
+            .write_obj(self.next_avail, ring.unchecked_add(2))
+            .unwrap();
     }
 
     /// Notifies queue 0 through the MMIO register (the path without ioeventfd).
@@ -360,7 +435,7 @@ impl<'a> Driver<'a> {
 
     pub fn used_idx(&self) -> u16 {
         self.mem
-            .read_obj::<u16>(self.vq.used_addr().unchecked_add(2))
+            .read_obj::<u16>(self.used_addr.unchecked_add(2))
             .unwrap()
     }
 
@@ -370,7 +445,7 @@ impl<'a> Driver<'a> {
         let mut out = Vec::new();
         while self.last_used != idx {
             let slot = u64::from(self.last_used % self.size);
-            let addr = self.vq.used_addr().unchecked_add(4 + 8 * slot);
+            let addr = self.used_addr.unchecked_add(4 + 8 * slot);
             let id: u32 = self.mem.read_obj(addr).unwrap();
             let len: u32 = self.mem.read_obj(addr.unchecked_add(4)).unwrap();
             out.push((id, len));
@@ -390,10 +465,7 @@ impl<'a> Driver<'a> {
 
     /// Reads `avail_event` (the device's notification threshold under EVENT_IDX).
     pub fn avail_event(&self) -> u16 {
-        let addr = self
-            .vq
-            .used_addr()
-            .unchecked_add(4 + 8 * u64::from(self.size));
+        let addr = self.used_addr.unchecked_add(4 + 8 * u64::from(self.size));
         self.mem.read_obj(addr).unwrap()
     }
 

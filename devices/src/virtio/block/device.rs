@@ -3,8 +3,8 @@
 //! Two threads touch it, always under its mutex:
 //! - **vCPU threads**, through the transport: configuration-space reads, `activate`
 //!   (stores memory, queue and interrupt, then writes `activate_evt`) and `reset`;
-//! - **the VMM thread**, through its event subscriber ([`super::event_handler`]): queue
-//!   processing, which parses each chain ([`super::request::parse`]), runs it against the
+//! - **its device thread** ([`crate::virtio::worker`]), through its event subscriber
+//!   ([`super::event_handler`]): queue processing, which parses each chain ([`super::request::parse`]), runs it against the
 //!   disk and completes it, with event-idx notification suppression.
 //!
 //! A malformed request fails alone (status IOERR or UNSUPP when it has a writable status
@@ -18,12 +18,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Address, Bytes, GuestMemoryError};
+use vm_memory::{Bytes, GuestMemoryError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::metrics::{BlockMetrics, Counter};
 use super::request::{self, Range, RequestKind, RequestLimits, Segment, SECTOR_SIZE};
-use crate::disk::{DiskBackend, DiskError};
+use crate::disk::{DiskBackend, DiskError, IoBufs};
 use crate::virtio::device::{
     read_config_space, ActivateError, ActivationContext, GuestMemoryMmap, VirtioDevice,
     VirtioInterrupt,
@@ -42,8 +42,6 @@ const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 const MAX_DISCARD_SEG: u32 = 32;
 /// Discard granularity hint, in sectors (4 KiB, so holes can be punched).
 const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
-/// Size of the copy buffer between guest memory and the disk.
-const BOUNCE_LEN: usize = 128 * 1024;
 
 /// Length of the configuration space we expose (through `write_zeroes_may_unmap`+padding).
 const CONFIG_LEN: usize = 60;
@@ -78,7 +76,6 @@ struct Io {
     read_only: bool,
     serial: [u8; SERIAL_LEN],
     limits: RequestLimits,
-    bounce: Vec<u8>,
     metrics: Arc<BlockMetrics>,
 }
 
@@ -136,7 +133,6 @@ impl Block {
                 read_only,
                 serial: serial_bytes,
                 limits,
-                bounce: vec![0; BOUNCE_LEN],
                 metrics: Arc::default(),
             },
             log: RateLimitedLog::default(),
@@ -155,7 +151,7 @@ impl Block {
     /// container joins a running pod VM, whose placeholder disks (an [`EmptyDisk`]) are
     /// attached at boot because virtio-mmio has no hotplug. The features stay those the
     /// guest negotiated: a read-only disk behind a writable slot refuses writes with IOERR.
-    /// Runs on the VMM thread, between requests.
+    /// Runs on the VMM thread, between requests (it waits for the one in progress).
     ///
     /// [`EmptyDisk`]: crate::disk::EmptyDisk
     pub fn replace_disk(
@@ -275,14 +271,14 @@ impl Io {
         match kind {
             RequestKind::In { offset, data } => {
                 self.metrics.add(Counter::Reads, 1);
-                let n = self.copy(mem, *offset, data, Direction::ToGuest)?;
+                let n = self.transfer(mem, *offset, data, Direction::ToGuest)?;
                 self.metrics.add(Counter::ReadBytes, u64::from(n));
                 Ok(n)
             }
             RequestKind::Out { offset, data } => {
                 self.metrics.add(Counter::Writes, 1);
                 refuse_ro(self.read_only)?;
-                let n = self.copy(mem, *offset, data, Direction::ToDisk)?;
+                let n = self.transfer(mem, *offset, data, Direction::ToDisk)?;
                 self.metrics.add(Counter::WriteBytes, u64::from(n));
                 Ok(0)
             }
@@ -318,46 +314,24 @@ impl Io {
         }
     }
 
-    /// Copies between the disk at `offset` and the guest buffers, through the bounce buffer.
-    fn copy(
+    /// Moves data between the disk at `offset` and the guest buffers: the kernel reads or
+    /// writes guest memory directly (vectored I/O), nothing is copied here.
+    fn transfer(
         &mut self,
         mem: &GuestMemoryMmap,
-        mut offset: u64,
+        offset: u64,
         data: &[Segment],
         dir: Direction,
     ) -> Result<u32, BlockError> {
-        let mut total = 0u32;
-        for seg in data {
-            let mut done = 0u32;
-            while done < seg.len {
-                let n = seg.len.saturating_sub(done).min(BOUNCE_LEN as u32);
-                let buf = self
-                    .bounce
-                    .get_mut(..n as usize)
-                    .ok_or(BlockError::Overflow)?;
-                let addr = seg
-                    .addr
-                    .checked_add(u64::from(done))
-                    .ok_or(BlockError::Overflow)?;
-                match dir {
-                    Direction::ToGuest => {
-                        self.disk.read_at(offset, buf).map_err(BlockError::Disk)?;
-                        mem.write_slice(buf, addr)
-                            .map_err(BlockError::GuestMemory)?;
-                    }
-                    Direction::ToDisk => {
-                        mem.read_slice(buf, addr).map_err(BlockError::GuestMemory)?;
-                        self.disk.write_at(offset, buf).map_err(BlockError::Disk)?;
-                    }
-                }
-                offset = offset
-                    .checked_add(u64::from(n))
-                    .ok_or(BlockError::Overflow)?;
-                done = done.saturating_add(n);
-            }
-            total = total.saturating_add(seg.len);
+        let bufs = IoBufs::from_guest(mem, data.iter().map(|s| (s.addr, s.len)))
+            .map_err(BlockError::GuestMemory)?;
+        match dir {
+            Direction::ToGuest => self.disk.read_vectored_at(offset, &bufs),
+            Direction::ToDisk => self.disk.write_vectored_at(offset, &bufs),
         }
-        Ok(total)
+        .map_err(BlockError::Disk)?;
+        // The parser bounds a request's data by the disk size, and the disk by u64.
+        u32::try_from(bufs.len()).map_err(|_| BlockError::Overflow)
     }
 
     /// GET_ID: the serial, zero-padded to 20 bytes, truncated to the guest's buffers.

@@ -1,4 +1,5 @@
-//! The block device's `event_manager` subscriber. Runs on the **VMM thread** only; the
+//! The block device's `event_manager` subscriber. Runs on the disk's **device thread**
+//! ([`crate::virtio::worker::DeviceThread`]) only; the
 //! protocol is every one-queue device's ([`crate::virtio::single_queue`]).
 
 use event_manager::{EventOps, Events, MutEventSubscriber};

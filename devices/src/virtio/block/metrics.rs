@@ -1,4 +1,4 @@
-//! virtio-blk counters. Updated on the VMM thread, read from anywhere without the device lock.
+//! virtio-blk counters. Updated on the disk's device thread, read from anywhere without the device lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,5 +1,5 @@
 //! Parsing of virtio-blk requests (virtio 1.x, 5.2.6): a pure function over a descriptor
-//! chain and the guest memory it points into. Runs on the VMM thread, but touches no device
+//! chain and the guest memory it points into. Runs on the device thread, but touches no device
 //! state, so it is unit-tested and fuzzed on its own.
 //!
 //! Layout accepted (the one every driver uses): the first descriptor is the 16-byte header

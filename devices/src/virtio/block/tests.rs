@@ -1,5 +1,6 @@
 //! virtio-blk driven end to end through the host-side driver harness: MMIO registers as a
-//! Linux guest writes them, descriptor chains in guest memory, the VMM thread's event loop.
+//! Linux guest writes them, descriptor chains in guest memory, the test's event loop (or
+//! the disks' own device threads, as the vmm runs them).
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -117,7 +118,7 @@ fn probe_config_and_round_trips() {
         .unwrap();
     assert_eq!(back, payload);
 
-    // A read larger than the bounce buffer, at the end of the disk.
+    // A read of many pages, at the end of the disk.
     let big = 256 * 1024;
     header(&mem, HDR, VIRTIO_BLK_T_IN, ((DISK_SIZE - big) / 512) as u64);
     submit(
@@ -386,7 +387,7 @@ fn malformed_requests_fail_alone() {
         )),
     ];
     // Head at 14 -> 15 -> 14 ...
-    d.vq.add_desc_chains(&looped, 14).unwrap();
+    d.add_raw(&looped, 14);
     d.notify(&vmm);
     vmm.run();
     assert_eq!(d.take_used(), vec![(14, 0)]);
@@ -437,7 +438,7 @@ fn too_many_descriptors_is_refused() {
         4,
         0,
     ));
-    d.vq.add_desc_chains(&[head], 0).unwrap();
+    d.add_raw(&[head], 0);
     mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
     d.notify(&vmm);
     vmm.run();
@@ -752,4 +753,130 @@ fn a_disk_put_behind_a_placeholder_is_announced_and_served() {
             .replace_disk(Box::new(crate::disk::EmptyDisk), Some(&long)),
         Err(BlockError::SerialTooLong { len: 21 })
     ));
+}
+
+/// A disk whose flushes wait at a gate the test opens: a backend stuck in `fdatasync`.
+struct GatedDisk {
+    inner: MemDisk,
+    entered: std::sync::mpsc::Sender<()>,
+    gate: std::sync::mpsc::Receiver<()>,
+}
+
+impl crate::disk::DiskBackend for GatedDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &crate::disk::IoBufs<'_>,
+    ) -> Result<(), crate::disk::DiskError> {
+        self.inner.read_vectored_at(offset, bufs)
+    }
+    fn write_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &crate::disk::IoBufs<'_>,
+    ) -> Result<(), crate::disk::DiskError> {
+        self.inner.write_vectored_at(offset, bufs)
+    }
+    fn flush(&mut self) -> Result<(), crate::disk::DiskError> {
+        let _ = self.entered.send(());
+        let _ = self.gate.recv();
+        self.inner.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), crate::disk::DiskError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), crate::disk::DiskError> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+/// Polls `d`'s used ring until `n` completions arrived (the device threads run apart).
+fn wait_used(d: &mut Driver<'_>, n: usize) -> Vec<(u32, u32)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut used = Vec::new();
+    while used.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} completions arrived: {used:?}",
+            used.len()
+        );
+        used.extend(d.take_used());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    used
+}
+
+/// A storm of flushes stuck on one disk does not hold up another disk: each disk is
+/// served on its own thread. The stuck flushes then complete in order, each with OK.
+#[test]
+fn a_flush_storm_on_one_disk_does_not_stall_another() {
+    use std::sync::mpsc::channel;
+    let mut vmm = TestVmm::new();
+    let (entered_tx, entered) = channel();
+    let (open_gate, gate) = channel();
+    let slow = GatedDisk {
+        inner: MemDisk::new(64 * 1024, false),
+        entered: entered_tx,
+        gate,
+    };
+    let fast = MemDisk::new(64 * 1024, false);
+    let (_a, thread_a) = vmm.add_block_on_thread(Block::new(Box::new(slow), None).unwrap(), BASE);
+    let (_b, thread_b) = vmm.add_block_on_thread(
+        Block::new(Box::new(fast.clone()), None).unwrap(),
+        BASE + 0x1000,
+    );
+    let mem = vmm.mem.clone();
+    let mut da = Driver::new(&mem, BASE, QUEUE, 64);
+    let mut db = Driver::new(&mem, BASE + 0x1000, QUEUE + 0x4000, 16);
+    da.probe(&mut vmm, ALL);
+    db.probe(&mut vmm, ALL);
+
+    const FLUSHES: u64 = 32;
+    for i in 0..FLUSHES {
+        header(&mem, HDR + 16 * i, VIRTIO_BLK_T_FLUSH, 0);
+        mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+        da.add_chain(&[desc(HDR + 16 * i, 16, RO), desc(STATUS + i, 1, WO)]);
+    }
+    da.notify(&vmm);
+    entered
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the slow disk's thread reaches its first flush");
+
+    // The other disk reads while the first flush is stuck.
+    header(&mem, HDR + 0x1000, VIRTIO_BLK_T_IN, 2);
+    let b_status = STATUS + 0x1000;
+    db.add_chain(&[
+        desc(HDR + 0x1000, 16, RO),
+        desc(DATA, 512, WO),
+        desc(b_status, 1, WO),
+    ]);
+    db.notify(&vmm);
+    assert_eq!(wait_used(&mut db, 1).len(), 1);
+    assert_eq!(status_at(&mem, b_status), VIRTIO_BLK_S_OK as u8);
+    let mut back = [0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back[..], fast.state().data[1024..1536]);
+    assert!(
+        da.take_used().is_empty(),
+        "no flush may complete before the gate opens"
+    );
+
+    for _ in 0..FLUSHES {
+        open_gate.send(()).unwrap();
+    }
+    let used = wait_used(&mut da, FLUSHES as usize);
+    let heads: Vec<u32> = used.iter().map(|&(id, _)| id).collect();
+    let expected: Vec<u32> = (0..FLUSHES as u32).map(|i| 2 * i).collect();
+    assert_eq!(heads, expected, "completions come in submission order");
+    for i in 0..FLUSHES {
+        assert_eq!(status_at(&mem, STATUS + i), VIRTIO_BLK_S_OK as u8);
+    }
+    thread_a.stop();
+    thread_b.stop();
 }

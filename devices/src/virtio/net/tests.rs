@@ -208,7 +208,7 @@ impl<'a> NetDriver<'a> {
                 reg::QUEUE_AVAIL_LOW,
                 reg::QUEUE_AVAIL_HIGH,
             ),
-            (d.vq.used_addr(), reg::QUEUE_USED_LOW, reg::QUEUE_USED_HIGH),
+            (d.used_addr, reg::QUEUE_USED_LOW, reg::QUEUE_USED_HIGH),
         ] {
             let (lo, hi) = split(addr);
             d.write(vmm, lo_reg, lo);
