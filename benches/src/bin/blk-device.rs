@@ -14,9 +14,10 @@
 //! `/var/tmp`) is read once beforehand so both sides read from the page cache.
 //!
 //! Patterns: 1 MiB sequential and 4 KiB random, reads and writes, at queue depth 1 and 32
-//! (the driver submits 32 chains, notifies once, and waits for all 32). The host baseline
-//! does the same requests with `pread`/`pwrite` on one thread, one after another (the
-//! page cache serves both the same way). Each pattern runs `--seconds` (default 2) per
+//! (the driver submits 32 chains, notifies once, and waits for all 32; each chain has its
+//! own 1 MiB buffer). The host baseline does the same requests with `pread`/`pwrite` on
+//! one thread, one after another, over as many buffers (the page cache serves both the
+//! same way). Each pattern runs `--seconds` (default 2) per
 //! side per round (`--rounds`, default 3), host and device interleaved. Reported: MB/s
 //! and IOPS (median over rounds), the ratio device/host, and CPU per request (the device
 //! thread's: process CPU minus the driver thread's; the host's: its thread's). The target
@@ -187,20 +188,21 @@ fn sample(bytes: u64, reqs: u64, elapsed: Duration, cpu: Duration) -> Sample {
     }
 }
 
-/// The host's own pread/pwrite, one request after another.
+/// The host's own pread/pwrite, one request after another, over `qd` buffers as the
+/// driver's (so both sides touch the same amount of memory).
 fn host_run(file: &File, size: u64, p: Pattern, seconds: f64) -> Sample {
-    let mut buf = vec![0x5au8; p.len as usize];
+    let mut bufs = vec![vec![0x5au8; p.len as usize]; p.qd as usize];
     let mut offsets = Offsets::new(size, p);
     let (mut reqs, mut bytes) = (0u64, 0u64);
     let cpu0 = cpu(libc::RUSAGE_THREAD);
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < seconds {
-        for _ in 0..p.qd {
+        for buf in &mut bufs {
             let at = offsets.next().unwrap();
             if p.write {
-                file.write_all_at(&buf, at).unwrap();
+                file.write_all_at(buf, at).unwrap();
             } else {
-                file.read_exact_at(&mut buf, at).unwrap();
+                file.read_exact_at(buf, at).unwrap();
             }
             reqs += 1;
             bytes += p.len;
@@ -368,8 +370,10 @@ fn run(args: &Args, file: &File, path: &std::path::Path, size: u64) -> ExitCode 
         args.seconds
     );
     // Per pattern: the host's samples and the device's, one per round.
-    let mut results: Vec<(Pattern, Vec<Sample>, Vec<Sample>)> =
-        PATTERNS.iter().map(|&p| (p, Vec::new(), Vec::new())).collect();
+    let mut results: Vec<(Pattern, Vec<Sample>, Vec<Sample>)> = PATTERNS
+        .iter()
+        .map(|&p| (p, Vec::new(), Vec::new()))
+        .collect();
     for round in 0..args.rounds {
         for (p, host, dev) in &mut results {
             host.push(host_run(file, size, *p, args.seconds));
