@@ -222,8 +222,8 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Wires one virtio device: transport on the bus, irqfd, ioeventfds (the caller puts
-    /// its subscriber on an event loop).
+    /// Wires one virtio device: transport on the bus, irqfd, ioeventfds armed at the
+    /// driver's DRIVER_OK (the caller puts its subscriber on an event loop).
     fn add_virtio<D>(
         &mut self,
         vm: &Vm,
@@ -240,11 +240,9 @@ impl DeviceManager {
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&irq_evt, irq)?;
         let line: Arc<dyn IrqLine> = Arc::new(EventFdIrq::new(irq_evt));
-        let transport = MmioTransport::new(vm.memory().clone(), device, line)
+        let mut transport = MmioTransport::new(vm.memory().clone(), device, line)
             .map_err(DeviceError::Transport)?;
-        for (i, evt) in transport.queue_events().iter().enumerate() {
-            vm.register_mmio_doorbell(evt, base + NOTIFY_REG_OFFSET, i as u32)?;
-        }
+        transport.arm_doorbells_at_driver_ok(vm.mmio_doorbells(base + NOTIFY_REG_OFFSET));
         mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)
             .map_err(DeviceError::Bus)?;
         self.cmdline

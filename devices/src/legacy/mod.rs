@@ -1,7 +1,8 @@
-//! Legacy x86 platform devices on the port-I/O bus.
+//! Legacy x86 platform devices: on the port-I/O bus, and the IOAPIC on the MMIO bus.
 //!
 //! All of them run on vCPU threads (inside [`crate::bus::Bus`] dispatch), except the
-//! serial console's input side, which the VMM thread feeds from the host.
+//! serial console's input side, which the VMM thread feeds from the host. There is no PIC
+//! and no PIT (see [`ioapic`]).
 //!
 //! | port       | device                                      |
 //! |------------|---------------------------------------------|
@@ -9,8 +10,10 @@
 //! | 0x3f8–0x3ff| [`serial::SerialConsole`]: COM1              |
 //! | 0x440      | [`platform::BootTimer`]                      |
 //! | 0x444      | [`platform::ExitPort`]                       |
+//! | MMIO 0xfec0_0000 | [`ioapic::Ioapic`]: the I/O APIC (split irqchip) |
 
 pub mod i8042;
+pub mod ioapic;
 pub mod platform;
 pub mod serial;
 

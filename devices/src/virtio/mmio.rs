@@ -5,6 +5,12 @@
 //! normally bypass it (KVM ioeventfd on [`NOTIFY_REG_OFFSET`]), but a notify write that
 //! reaches the bus signals the same EventFd. Nothing here processes a queue.
 //!
+//! The vmm arms those ioeventfds at the device's first DRIVER_OK
+//! ([`MmioTransport::arm_doorbells_at_driver_ok`]), as qemu does: a device the guest never
+//! drives registers none, and a VM that ends soon after its last registration does not wait
+//! at close for the grace period in which the kernel frees its old I/O bus (12–20 ms
+//! measured on a Linux 6.18 host for a VM that exits 3 ms after start).
+//!
 //! The guest is hostile: a driver that breaks the protocol (a status transition out of
 //! order, a queue size that is not a power of two or above the maximum, misaligned or
 //! unmapped rings, features that were not offered, queue registers written outside
@@ -86,6 +92,10 @@ enum Ring {
     Used,
 }
 
+/// Registers the queues' notification EventFds (in queue order) as the device's doorbells.
+/// Called once, on a vCPU thread, when the driver first sets DRIVER_OK.
+pub type ArmDoorbells = Box<dyn FnOnce(&[EventFd]) -> io::Result<()> + Send>;
+
 /// The virtio-mmio register window of one device. Put it on the MMIO bus at `base` with
 /// length [`MMIO_WINDOW_SIZE`].
 pub struct MmioTransport {
@@ -93,6 +103,7 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     interrupt: VirtioInterrupt,
     queue_evts: Vec<EventFd>,
+    arm_doorbells: Option<ArmDoorbells>,
     queues: Vec<Queue>,
     device_id: u32,
     offered_features: u64,
@@ -157,6 +168,7 @@ impl MmioTransport {
             mem,
             interrupt: VirtioInterrupt::new(irq),
             queue_evts,
+            arm_doorbells: None,
             queues,
             device_id,
             offered_features,
@@ -168,6 +180,12 @@ impl MmioTransport {
             config_generation: 0,
             log: RateLimitedLog::default(),
         })
+    }
+
+    /// Has `arm` register the queues' doorbells at the first DRIVER_OK. Until then (and if
+    /// it fails) notify writes reach [`BusDevice::write`], which signals the same EventFds.
+    pub fn arm_doorbells_at_driver_ok(&mut self, arm: ArmDoorbells) {
+        self.arm_doorbells = Some(arm);
     }
 
     /// The per-queue notification EventFds, in queue order: register each as a KVM ioeventfd
@@ -309,7 +327,19 @@ impl MmioTransport {
         let result = lock(&self.device).activate(ctx);
         match result {
             Ok(()) => self.status |= status::DRIVER_OK,
-            Err(e) => self.needs_reset(format_args!("activation failed: {e}")),
+            Err(e) => {
+                self.needs_reset(format_args!("activation failed: {e}"));
+                return;
+            }
+        }
+        if let Some(arm) = self.arm_doorbells.take() {
+            if let Err(e) = arm(&self.queue_evts) {
+                log::warn!(
+                    "virtio-mmio (device {}): cannot arm the queue doorbells, notifications \
+                     go through the VMM: {e}",
+                    self.device_id
+                );
+            }
         }
     }
 
@@ -848,6 +878,56 @@ mod tests {
         let t = slot.transport.lock().unwrap();
         assert_eq!(t.queue_events().len(), 1);
         assert_eq!(t.queue_events()[0].read().unwrap(), 2);
+    }
+
+    #[test]
+    fn doorbells_are_armed_once_at_the_first_driver_ok() {
+        let (mut vmm, slot) = setup();
+        let armed = Arc::new(Mutex::new(Vec::new()));
+        let record = armed.clone();
+        slot.transport
+            .lock()
+            .unwrap()
+            .arm_doorbells_at_driver_ok(Box::new(move |evts| {
+                record.lock().unwrap().push(evts.len());
+                Ok(())
+            }));
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        to_features_ok(&d, &vmm);
+        d.setup_queue(&vmm);
+        assert!(armed.lock().unwrap().is_empty(), "not before DRIVER_OK");
+        d.driver_ok(&vmm);
+        assert_eq!(*armed.lock().unwrap(), vec![1]);
+        // A reset and a second probe keep the doorbells they have.
+        d.write(&vmm, reg::STATUS, 0);
+        d.probe(&mut vmm, u64::MAX);
+        assert_eq!(*armed.lock().unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn a_failed_activation_arms_nothing() {
+        let (vmm, slot) = setup();
+        let armed = Arc::new(Mutex::new(false));
+        let record = armed.clone();
+        slot.transport
+            .lock()
+            .unwrap()
+            .arm_doorbells_at_driver_ok(Box::new(move |_| {
+                *record.lock().unwrap() = true;
+                Ok(())
+            }));
+        let mem = vmm.mem.clone();
+        let d = Driver::new(&mem, BASE, QUEUE, 16);
+        to_features_ok(&d, &vmm);
+        // DRIVER_OK without a ready queue: refused.
+        d.write(
+            &vmm,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(needs_reset(&d, &vmm));
+        assert!(!*armed.lock().unwrap());
     }
 
     #[test]

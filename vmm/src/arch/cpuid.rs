@@ -28,6 +28,10 @@ const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
 
 const HYPERVISOR_BIT: u32 = 1 << 31;
+/// Leaf 1 ECX: the LAPIC timer's TSC-deadline mode, which KVM emulates but leaves out of
+/// its supported CPUID. With no PIT in the VM, Linux needs it (and ARAT, which KVM does
+/// report) to skip PIT-based timer calibration.
+const TSC_DEADLINE_BIT: u32 = 1 << 24;
 const HTT_BIT: u32 = 1 << 28;
 
 /// Is this host's /dev/kvm served by kvm_pvm?
@@ -36,8 +40,9 @@ pub fn host_is_kvm_pvm() -> bool {
 }
 
 /// Adjusts KVM's supported CPUID for vCPU `cpu_id` of `cpu_count`: APIC ids, logical
-/// processor count and the hypervisor bit; on kvm_pvm (`pvm`), no paravirtual IPIs.
-pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, pvm: bool) {
+/// processor count and the hypervisor bit; the TSC-deadline timer when KVM has it
+/// (`tsc_deadline`); on kvm_pvm (`pvm`), no paravirtual IPIs.
+pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, tsc_deadline: bool, pvm: bool) {
     for e in cpuid.as_mut_slice().iter_mut() {
         match e.function {
             1 => {
@@ -51,6 +56,9 @@ pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, pvm: bool) {
                     e.edx &= !HTT_BIT;
                 }
                 e.ecx |= HYPERVISOR_BIT;
+                if tsc_deadline {
+                    e.ecx |= TSC_DEADLINE_BIT;
+                }
             }
             // Extended topology: every subleaf reports this vCPU's x2APIC id.
             0xb | 0x1f => e.edx = u32::from(cpu_id),
@@ -86,7 +94,7 @@ mod tests {
             entry(KVM_CPUID_FEATURES, 0),
         ])
         .unwrap();
-        filter(&mut c, 3, 4, false);
+        filter(&mut c, 3, 4, false, false);
         let e = c.as_slice();
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
@@ -96,8 +104,14 @@ mod tests {
         // Feature bits are left as KVM reports them.
         assert_eq!((e[0].ecx, e[1].ebx), (!0, !0));
         assert_eq!(e[3].eax, !0, "PV IPIs stay on hardware KVM");
-        filter(&mut c, 0, 1, true);
+        c.as_mut_slice()[0].ecx = 0;
+        filter(&mut c, 0, 1, true, true);
         assert_eq!(c.as_slice()[0].edx & HTT_BIT, 0);
+        assert_eq!(
+            c.as_slice()[0].ecx,
+            HYPERVISOR_BIT | TSC_DEADLINE_BIT,
+            "TSC deadline when KVM has it"
+        );
         assert_eq!(
             c.as_slice()[3].eax,
             !KVM_FEATURE_PV_SEND_IPI,

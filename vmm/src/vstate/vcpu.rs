@@ -200,9 +200,12 @@ impl Vcpu {
                     mmio.write(addr, data);
                     None
                 }
+                // EOI of a level-triggered IOAPIC route. Pins are pulsed (irqfds), so no
+                // line is still asserted and there is no remote IRR to clear.
+                Ok(VcpuExit::IoapicEoi(_)) => None,
                 Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault),
                 Ok(VcpuExit::Hlt) => Some(VmExit::Crashed(format!(
-                    "vCPU {} halted with the irqchip in userspace",
+                    "vCPU {} halted without an in-kernel local APIC",
                     self.id
                 ))),
                 Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
