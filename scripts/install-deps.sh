@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages kestrel needs to build its guest, run its tests and
-# benchmarks. Does nothing (and needs no network) when they are all present.
+# Installs the Debian packages kestrel needs to build its guest and run its tests; with
+# --benches also the benchmarks' baselines (qemu). Does nothing (and needs no network) when
+# they are all present.
 set -euo pipefail
 
 PACKAGES=(
@@ -12,6 +13,9 @@ PACKAGES=(
   protobuf-compiler iproute2  # the CRI tests' client (k8s-cri builds its protos), pod network checks
   mtools cloud-init  # seed/: cross-checks of the NoCloud seed with mtools and Debian's cloud-init
 )
+if [ "${1:-}" = "--benches" ]; then
+  PACKAGES+=(qemu-system-x86)  # the benches' qemu microvm baseline
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
