@@ -38,11 +38,15 @@
 //! vm_fd.register_irqfd(&irq_evt, irq)?;
 //! let irq_line: Arc<dyn IrqLine> = Arc::new(EventFdIrq::new(irq_evt));
 //! // 3. transport (guest memory is the vmm's own GuestMemoryMmap, cloned)
-//! let transport = MmioTransport::new(mem.clone(), block.clone(), irq_line)?;
-//! // 4. ioeventfds: queue i notifies at mmio_base + NOTIFY_REG_OFFSET with datamatch i (u32)
-//! for (i, evt) in transport.queue_events().iter().enumerate() {
-//!     vm_fd.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), i as u32)?;
-//! }
+//! let mut transport = MmioTransport::new(mem.clone(), block.clone(), irq_line)?;
+//! // 4. ioeventfds, armed at the driver's first DRIVER_OK (on that vCPU thread): queue i
+//! //    notifies at mmio_base + NOTIFY_REG_OFFSET with datamatch i (u32)
+//! transport.arm_doorbells_at_driver_ok(Box::new(move |evts| {
+//!     for (i, evt) in (0u32..).zip(evts) {
+//!         vm_fd.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), i)?;
+//!     }
+//!     Ok(())
+//! }));
 //! // 5. bus: the 4 KiB window
 //! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
 //! // 6. the device's event subscriber (registers `activate_evt` in `init`), on a thread
@@ -54,7 +58,7 @@
 //! ```
 //!
 //! `ioeventfd` registration is an optimisation: a guest write to the notify register that
-//! reaches the bus (no ioeventfd) signals the same EventFd.
+//! reaches the bus (no ioeventfd yet, or its registration failed) signals the same EventFd.
 
 pub mod block;
 pub mod device;
