@@ -165,10 +165,8 @@ impl BusDevice for Ioapic {
             IOWIN if data.len() == 4 => self.read_register(),
             _ => 0,
         };
-        for (d, s) in data
-            .iter_mut()
-            .zip(value.to_le_bytes().into_iter().chain([0; 4]))
-        {
+        data.fill(0);
+        for (d, s) in data.iter_mut().zip(value.to_le_bytes()) {
             *d = s;
         }
     }

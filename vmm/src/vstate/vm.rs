@@ -76,8 +76,7 @@ pub struct GsiRouter(Arc<VmFd>);
 
 impl MsiRouting for GsiRouter {
     fn set_routes(&mut self, routes: &[(u32, MsiMessage)]) -> io::Result<()> {
-        let mut table = KvmIrqRouting::new(routes.len())
-            .map_err(|e| io::Error::other(format!("GSI routing table: {e:?}")))?;
+        let mut table = KvmIrqRouting::new(routes.len()).map_err(io::Error::other)?;
         for (entry, &(gsi, msg)) in table.as_mut_slice().iter_mut().zip(routes) {
             entry.gsi = gsi;
             entry.type_ = KVM_IRQ_ROUTING_MSI;
@@ -88,9 +87,7 @@ impl MsiRouting for GsiRouter {
                 ..Default::default()
             };
         }
-        self.0
-            .set_gsi_routing(&table)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        self.0.set_gsi_routing(&table).map_err(io::Error::from)
     }
 }
 
@@ -196,7 +193,7 @@ impl Vm {
         Box::new(move |evts: &[EventFd]| {
             for (i, evt) in (0u32..).zip(evts) {
                 fd.register_ioevent(evt, &IoEventAddress::Mmio(addr), i)
-                    .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+                    .map_err(io::Error::from)?;
             }
             Ok(())
         })
