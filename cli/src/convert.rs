@@ -3,17 +3,17 @@
 //!
 //! Runs on the main thread of the CLI. Progress goes to stderr (a `\r`-updated line on a
 //! terminal, a line every 10% otherwise); the summary goes to stdout. The output is
-//! written to a temporary file beside it and renamed into place only when complete, so
-//! an error (or a kill) never leaves a partial image under the output's name.
+//! written to an unnamed file in its directory and linked into place only when complete
+//! ([`TempOutput`]), so an error or a kill (SIGINT, SIGTERM, SIGKILL) leaves nothing: not a
+//! partial image under the output's name, nor a temporary file.
 
-use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use devices::image::convert::{convert, ConvertError, ConvertStats};
-use devices::image::detect_format;
+use devices::image::convert::{convert, ConvertError, ConvertStats, Limits};
+use devices::image::output::TempOutput;
+use devices::image::{check_output_path, detect_format, open_input};
 
 /// Why `kestrel convert` failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,15 +24,16 @@ pub enum ConvertCliError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot create a temporary output file {}", path.display())]
-    CreateOutput {
+    #[error("cannot write the output image {}", path.display())]
+    Output {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot convert {}", path.display())]
+    #[error("cannot convert {} to {}", input.display(), output.display())]
     Convert {
-        path: PathBuf,
+        input: PathBuf,
+        output: PathBuf,
         #[source]
         source: ConvertError,
     },
@@ -46,80 +47,50 @@ pub enum ConvertCliError {
     BadOutput(PathBuf),
 }
 
-/// Converts `input` to a raw image at `output` (replaced if it exists), showing progress
-/// on stderr and printing a summary on stdout. Nothing is left at `output`, nor any
-/// temporary file, when this fails.
+/// Converts `input` to a raw image at `output` (replaced if it is a regular file),
+/// showing progress on stderr and printing a summary on stdout. Nothing is left at
+/// `output`, nor any temporary file, when this fails.
 pub fn run_convert(input: &Path, output: &Path) -> Result<(), ConvertCliError> {
     let started = Instant::now();
-    let in_file = File::open(input).map_err(|source| ConvertCliError::Input {
+    let input_err = |source| ConvertCliError::Input {
         path: input.to_path_buf(),
         source,
-    })?;
-    let format = detect_format(&in_file).map_err(|source| ConvertCliError::Input {
-        path: input.to_path_buf(),
+    };
+    let output_err = |source| ConvertCliError::Output {
+        path: output.to_path_buf(),
         source,
-    })?;
-
-    let name = output
-        .file_name()
-        .ok_or_else(|| ConvertCliError::BadOutput(output.to_path_buf()))?;
-    let tmp = output.with_file_name(format!(
-        ".{}.kestrel-tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let out_file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&tmp)
-        .map_err(|source| ConvertCliError::CreateOutput {
-            path: tmp.clone(),
-            source,
-        })?;
+    };
+    let in_file = open_input(input).map_err(input_err)?;
+    devices::image::input_len(&in_file).map_err(input_err)?;
+    let format = detect_format(&in_file).map_err(input_err)?;
+    if output.file_name().is_none() {
+        return Err(ConvertCliError::BadOutput(output.to_path_buf()));
+    }
+    check_output_path(output).map_err(output_err)?;
+    let dir = output.parent().unwrap_or(Path::new("."));
+    let out = TempOutput::create(dir, 0o644).map_err(output_err)?;
 
     let mut progress = Progress::new(io::stderr().is_terminal());
-    let result = convert(&in_file, format, &out_file, &mut |done, total| {
-        progress.update(done, total)
-    })
-    .map_err(|source| ConvertCliError::Convert {
-        path: input.to_path_buf(),
+    let result = convert(
+        &in_file,
+        format,
+        out.file(),
+        &Limits::default(),
+        &mut |done, total| progress.update(done, total),
+    );
+    progress.finish();
+    let stats = result.map_err(|source| ConvertCliError::Convert {
+        input: input.to_path_buf(),
+        output: output.to_path_buf(),
         source,
-    })
-    .and_then(|stats| {
-        out_file
-            .sync_data()
-            .map_err(|source| ConvertCliError::Finish {
-                path: tmp.clone(),
-                source,
-            })?;
-        drop(out_file);
-        fs::rename(&tmp, output).map_err(|source| ConvertCliError::Finish {
+    })?;
+    // Data, then the name (persist fsyncs the directory).
+    out.file().sync_data().map_err(output_err)?;
+    out.persist(output)
+        .map_err(|source| ConvertCliError::Finish {
             path: output.to_path_buf(),
             source,
         })?;
-        Ok(stats)
-    });
-    progress.finish();
-    let stats = match result {
-        Ok(stats) => stats,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    // The data is durable (fdatasync above); make the name durable too.
-    if let Some(dir) = output.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-            log::warn!("syncing {} failed: {e}", dir.display());
-        }
-    }
     print_summary(output, &stats, started.elapsed());
     Ok(())
 }
@@ -234,6 +205,8 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::FileTypeExt;
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("kestrel-cli-{tag}-{}", std::process::id()));
@@ -246,7 +219,7 @@ mod tests {
     fn converts_raw_and_leaves_no_temp() {
         let d = tmpdir("ok");
         let input = d.join("in.raw");
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..307_200u32).map(|i| (i % 251) as u8).collect();
         fs::write(&input, &data).unwrap();
         let output = d.join("out.raw");
         run_convert(&input, &output).unwrap();
@@ -269,6 +242,16 @@ mod tests {
         let output = d.join("out.raw");
         let err = run_convert(&input, &output).unwrap_err();
         assert!(matches!(err, ConvertCliError::Convert { .. }), "{err:?}");
+        // Refused outputs: a device is never replaced, a directory is not a file.
+        let err = run_convert(&input, Path::new("/dev/null")).unwrap_err();
+        assert!(matches!(err, ConvertCliError::Output { .. }), "{err:?}");
+        assert!(Path::new("/dev/null")
+            .metadata()
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        let err = run_convert(&input, &d).unwrap_err();
+        assert!(matches!(err, ConvertCliError::Output { .. }), "{err:?}");
         let names: Vec<_> = fs::read_dir(&d)
             .unwrap()
             .map(|e| e.unwrap().file_name())

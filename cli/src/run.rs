@@ -27,6 +27,8 @@ pub enum RunError {
     #[error("invalid MAC address {0:?} (expected six hex bytes like 02:00:00:00:00:01)")]
     Mac(String),
     #[error(transparent)]
+    Config(#[from] vmm::config::ConfigError),
+    #[error(transparent)]
     Vm(#[from] vmm::BuildVmError),
 }
 
@@ -78,6 +80,13 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
         (None, true) => None,
         (None, false) => Some(vmm::assets::default_asset(vmm::assets::INITRD)?),
     };
+    // Before the image conversion, which may take minutes.
+    vmm::config::check_host(
+        u64::from(config.vcpus),
+        config.memory_mib,
+        &config.kernel,
+        config.initrd.as_deref(),
+    )?;
 
     let mut _temp_overlay = None;
     if let Some(image) = &run.image {
@@ -99,6 +108,7 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
             &image.path,
             &overlay_path,
             existing,
+            &Default::default(),
             &mut |pct| {
                 if last != Some(pct) {
                     eprint!("\rkestrel: converting {}: {pct}%", image.path.display());

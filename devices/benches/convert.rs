@@ -101,7 +101,7 @@ fn main() {
                 .truncate(true)
                 .open(&ours_out)
                 .expect("create output");
-            convert(&input, format, &output, &mut |_, _| {}).expect("convert");
+            convert(&input, format, &output, &Default::default(), &mut |_, _| {}).expect("convert");
             if durable {
                 output.sync_data().expect("fdatasync");
             }

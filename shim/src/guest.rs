@@ -91,6 +91,9 @@ impl GuestError {
 pub trait Guest: Send + Sync + 'static {
     /// Prepares the container and its init process (not started); returns the init's pid.
     async fn create(&self, c: &NewContainer) -> Result<u32, GuestError>;
+    /// containerd deleted or killed container `id` while its `create` runs: stop what
+    /// can be stopped (an image conversion), so that `create` fails soon. Never blocks.
+    fn cancel_create(&self, id: &str);
     /// Starts a created process; returns its pid.
     async fn start(&self, id: &str, exec: &str) -> Result<u32, GuestError>;
     async fn exec(&self, id: &str, exec: &str, p: &NewExec) -> Result<(), GuestError>;

@@ -21,6 +21,7 @@ use containerd_shim::protos::events::task::TaskOOM;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::ttrpc::Code;
 use devices::disk::{DiskBackend, EmptyDisk};
+use devices::image::convert::Limits;
 use kestrel_agent_protocol::pod::PodConfig;
 use kestrel_agent_protocol::{BlockDevice, GuestEvent};
 use sha2::{Digest, Sha256};
@@ -124,6 +125,8 @@ pub struct Host {
     entries: Mutex<HashMap<String, Entry>>,
     /// A container's VM is being booted.
     booting: AtomicBool,
+    /// The cancellation flags of the creates whose images are being prepared.
+    creating: Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
 /// The run directory of the shim `shim_id` in `namespace` (short: socket paths are limited).
@@ -169,6 +172,7 @@ impl Host {
             namespace,
             entries: Mutex::new(HashMap::new()),
             booting: AtomicBool::new(false),
+            creating: Mutex::new(HashMap::new()),
         }
     }
 
@@ -257,21 +261,35 @@ impl Host {
 
     /// Mounts the rootfs, prepares the container on the blocking pool, unmounts. A VM
     /// image in a pod gets `pod`'s hostname and network in its seed, and the pod's volumes.
+    /// The image conversion it may start stops at [`vm_image::convert_timeout`], or
+    /// when containerd deletes or kills the task meanwhile ([`Guest::cancel_create`]).
     async fn prepare(
         &self,
         c: &NewContainer,
         pod: Option<PodSeed>,
     ) -> Result<Prepared, GuestError> {
         let since = Instant::now();
-        let prepared = self.prepare_in(c, pod).await;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.creating().insert(c.id.clone(), cancel.clone());
+        let limits = Limits {
+            timeout: Some(vm_image::convert_timeout()),
+            cancel: Some(cancel),
+        };
+        let prepared = self.prepare_in(c, pod, limits).await;
+        self.creating().remove(&c.id);
         log_timing(&c.id, "prepare", since);
         prepared
+    }
+
+    fn creating(&self) -> MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
+        self.creating.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn prepare_in(
         &self,
         c: &NewContainer,
         pod: Option<PodSeed>,
+        limits: Limits,
     ) -> Result<Prepared, GuestError> {
         let mounted = !c.rootfs.is_empty();
         let tree = rootfs_tree(c, mounted);
@@ -298,7 +316,7 @@ impl Host {
                         p.user_data = pod::write_files(&volumes::copy_bind_sources(&c2.spec));
                         p
                     });
-                    vm_image::prepare_task(&dirs, &ns, &c2, &disk, pod.as_ref())
+                    vm_image::prepare_task(&dirs, &ns, &c2, &disk, pod.as_ref(), &limits)
                         .map(Prepared::VmImage)
                 }
                 Err(ImageError::NoDisk) => volumes::open_block_devices(&c2.spec)
@@ -325,14 +343,7 @@ impl Host {
                             blocks,
                         }))
                     }),
-                Err(e) => {
-                    let code = if e.is_user_error() {
-                        Code::FAILED_PRECONDITION
-                    } else {
-                        Code::INTERNAL
-                    };
-                    Err(GuestError::host("read the image", code, e))
-                }
+                Err(e) => Err(GuestError::host("read the image", e.code(), e)),
             };
             if mounted {
                 // The image lives in kestrel's cache now; the mount is no longer needed.
@@ -746,6 +757,13 @@ impl Host {
 
 #[async_trait]
 impl Guest for Host {
+    fn cancel_create(&self, id: &str) {
+        if let Some(flag) = self.creating().get(id) {
+            log::info!("task {id} is deleted while it is being created: cancelling");
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
     async fn create(&self, c: &NewContainer) -> Result<u32, GuestError> {
         let role = spec::role(&c.spec);
         let result = match &role {

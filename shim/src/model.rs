@@ -150,6 +150,25 @@ impl<G: Guest> Model<G> {
             })
     }
 
+    /// When the init of `id` is still being created, asks the guest to cancel that and
+    /// gives the error for `action`.
+    fn cancel_if_creating(&self, id: &str, action: &'static str) -> Result<(), ShimError> {
+        let creating = self
+            .lock()
+            .get(id)
+            .and_then(|c| c.procs.get(""))
+            .is_some_and(|p| p.phase == Phase::Creating);
+        if !creating {
+            return Ok(());
+        }
+        self.guest.cancel_create(id);
+        Err(ShimError::WrongState {
+            what: exec_name(id, ""),
+            state: "being created (now cancelled)",
+            action,
+        })
+    }
+
     fn check_exists(&self, id: &str) -> Result<(), ShimError> {
         let mut all = self.lock();
         Self::proc_mut(&mut all, id, "").map(|_| ())
@@ -350,6 +369,9 @@ impl<G: Guest> Model<G> {
         signal: u32,
         all: bool,
     ) -> Result<(), ShimError> {
+        if exec.is_empty() {
+            self.cancel_if_creating(id, "signal it")?;
+        }
         {
             let mut containers = self.lock();
             let p = Self::proc_mut(&mut containers, id, exec)?;
@@ -388,6 +410,9 @@ impl<G: Guest> Model<G> {
 
     /// Deletes a stopped (or never started) process; for the init, the whole container.
     pub async fn delete(&self, id: &str, exec: &str) -> Result<(u32, ExitInfo), ShimError> {
+        if exec.is_empty() {
+            self.cancel_if_creating(id, "delete it")?;
+        }
         let (pid, info) = {
             let mut all = self.lock();
             let p = Self::proc_mut(&mut all, id, exec)?;
@@ -531,6 +556,9 @@ mod tests {
         fail_create: Mutex<Option<GuestError>>,
         fail_start: Mutex<bool>,
         next_pid: Mutex<u32>,
+        /// Create waits for cancel_create, then fails with CANCELLED.
+        hold_create: std::sync::atomic::AtomicBool,
+        cancelled: Notify,
     }
 
     impl FakeGuest {
@@ -556,9 +584,17 @@ mod tests {
             if let Some(e) = self.fail_create.lock().unwrap().take() {
                 return Err(e);
             }
+            if self.hold_create.load(std::sync::atomic::Ordering::SeqCst) {
+                self.cancelled.notified().await;
+                return Err(GuestError::Invalid("cancelled".into()));
+            }
             let mut pid = self.next_pid.lock().unwrap();
             *pid += 1;
             Ok(100 + *pid)
+        }
+        fn cancel_create(&self, id: &str) {
+            self.call(format!("cancel {id}"));
+            self.cancelled.notify_waiters();
         }
         async fn start(&self, id: &str, exec: &str) -> Result<u32, GuestError> {
             self.call(format!("start {id}/{exec}"));
@@ -675,6 +711,31 @@ mod tests {
         assert!(matches!(m.state("c1", ""), Err(ShimError::TaskNotFound(_))));
         assert_eq!(topics(&mut rx), ["create", "start", "exit", "delete"]);
         assert_eq!(g.calls(), ["create c1", "start c1/", "delete c1/"]);
+    }
+
+    #[tokio::test]
+    async fn delete_during_create_cancels_it() {
+        let (m, g, mut rx) = setup();
+        g.hold_create
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let creating = tokio::spawn({
+            let m = m.clone();
+            async move { m.create(container("c1")).await }
+        });
+        while g.calls().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let err = m.delete("c1", "").await.unwrap_err();
+        assert_eq!(err.code(), Code::FAILED_PRECONDITION, "{err}");
+        let created = tokio::time::timeout(Duration::from_secs(5), creating)
+            .await
+            .expect("create was not cancelled")
+            .unwrap();
+        assert!(created.is_err());
+        assert!(m.is_empty());
+        assert_eq!(g.calls(), ["create c1", "cancel c1"]);
+        // Nothing was created, so nothing is published.
+        assert!(topics(&mut rx).is_empty());
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use containerd_shim::protos::ttrpc::Code;
 use devices::disk::raw::RawFile;
+use devices::image::convert::Limits;
 use devices::image::vm_disk::{self, ExistingOverlay, ImageDirs, PreparedDisk, VmDiskError};
 use tokio::sync::{oneshot, watch};
 use vmm::{ControlSender, DiskConfig, VmAction, VmConfig, VmExit};
@@ -87,6 +88,27 @@ impl ImageError {
             ImageError::Read(..) => false,
         }
     }
+
+    /// The gRPC code containerd gets: the image's fault is FAILED_PRECONDITION, a
+    /// conversion past its deadline DEADLINE_EXCEEDED, one cancelled CANCELLED, no room
+    /// RESOURCE_EXHAUSTED, anything else INTERNAL.
+    pub fn code(&self) -> Code {
+        use devices::image::cache::CacheError;
+        use devices::image::convert::ConvertError;
+        if let ImageError::Disk(VmDiskError::Cache(CacheError::Convert { source, .. })) = self {
+            match source {
+                ConvertError::TimedOut(_) => return Code::DEADLINE_EXCEEDED,
+                ConvertError::Cancelled => return Code::CANCELLED,
+                ConvertError::NoSpace { .. } => return Code::RESOURCE_EXHAUSTED,
+                _ => {}
+            }
+        }
+        if self.is_user_error() {
+            Code::FAILED_PRECONDITION
+        } else {
+            Code::INTERNAL
+        }
+    }
 }
 
 /// Finds the one disk of a containerDisk rootfs.
@@ -120,12 +142,26 @@ pub fn find_disk(rootfs: &Path) -> Result<PathBuf, ImageError> {
     }
 }
 
+/// How long an image conversion may take: `$KESTREL_CONVERT_TIMEOUT` seconds, default
+/// [`DEFAULT_CONVERT_TIMEOUT`]. The conversion holds the image cache's lock for its
+/// digest, so a hostile image must not keep it forever.
+pub fn convert_timeout() -> Duration {
+    std::env::var("KESTREL_CONVERT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_CONVERT_TIMEOUT, Duration::from_secs)
+}
+
+/// 30 minutes: a 100 GiB image at 100 MB/s takes 17.
+pub const DEFAULT_CONVERT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// Prepares the disk of task `id` in namespace `ns` (see [`vm_disk::prepare`]).
 pub fn prepare(
     dirs: &StateDirs,
     disk: &Path,
     ns: &str,
     id: &str,
+    limits: &Limits,
 ) -> Result<PreparedDisk, ImageError> {
     let mut last = 0;
     vm_disk::prepare(
@@ -133,6 +169,7 @@ pub fn prepare(
         disk,
         &dirs.overlay_path(ns, id),
         ExistingOverlay::Replace,
+        limits,
         &mut |pct| {
             if pct >= last + 10 || (pct == 100 && last != 100) {
                 log::info!("converting {}: {pct}%", disk.display());
@@ -200,19 +237,17 @@ pub fn prepare_task(
     c: &NewContainer,
     disk: &Path,
     pod: Option<&PodSeed>,
+    limits: &Limits,
 ) -> Result<VmImageTask, GuestError> {
     let vm = spec::vm_spec(&c.spec, &c.id)
         .map_err(|e| GuestError::host("size the VM from the spec", Code::INVALID_ARGUMENT, e))?;
-    let prepared = prepare(dirs, disk, ns, &c.id).map_err(|e| {
-        let code = if e.is_user_error() {
-            Code::FAILED_PRECONDITION
-        } else {
-            Code::INTERNAL
-        };
-        GuestError::host("prepare the VM image", code, e)
-    })?;
+    // Before the conversion, which may take minutes.
     let kernel = vmm::assets::default_asset(vmm::assets::KERNEL)
         .map_err(|e| GuestError::host("find the guest kernel", Code::FAILED_PRECONDITION, e))?;
+    vmm::config::check_host(u64::from(vm.cpus), vm.memory_mib, &kernel, None)
+        .map_err(|e| GuestError::host("size the VM", Code::INVALID_ARGUMENT, e))?;
+    let prepared = prepare(dirs, disk, ns, &c.id, limits)
+        .map_err(|e| GuestError::host("prepare the VM image", e.code(), e))?;
 
     // The cloud-init NoCloud seed: the environment reaches /etc/cloud/environment.
     let seed_path = Path::new(&c.bundle).join("cidata.img");
@@ -427,8 +462,8 @@ mod tests {
         let dirs = StateDirs::new(&dir.path().join("state"));
         let disk = dir.path().join("vm.raw");
         fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
-        let a = prepare(&dirs, &disk, "default", "a").unwrap();
-        let b = prepare(&dirs, &disk, "default", "b").unwrap();
+        let a = prepare(&dirs, &disk, "default", "a", &Limits::default()).unwrap();
+        let b = prepare(&dirs, &disk, "default", "b", &Limits::default()).unwrap();
         assert_eq!(a.base, b.base);
         assert_ne!(a.overlay_path, b.overlay_path);
         assert!(a.overlay_path.exists() && b.overlay_path.exists());

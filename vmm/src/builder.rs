@@ -88,11 +88,9 @@ fn irq_line(vm: &Vm, gsi: u32, what: &'static str) -> Result<Arc<dyn IrqLine>, B
 pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     let mem_size = config.memory_mib << 20;
     // Cheap checks before KVM: sizes against the host, paths.
-    config::validate(
+    config::check_host(
         u64::from(config.vcpus),
         config.memory_mib,
-        u64::from(crate::arch::mptable::MAX_CPUS),
-        config::host_memory_mib(),
         &config.kernel,
         config.initrd.as_deref(),
     )?;

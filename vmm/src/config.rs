@@ -111,6 +111,26 @@ pub fn host_memory_mib() -> u64 {
     (field("MemTotal:") + field("SwapTotal:")) >> 10
 }
 
+/// The checks that need no KVM, against this host: vCPUs and memory within what it has,
+/// kernel and initrd present. Callers run it before slow preparation (an image
+/// conversion) so that a VM that cannot start fails at once; [`crate::start_vm`] runs it
+/// again.
+pub fn check_host(
+    vcpus: u64,
+    memory_mib: u64,
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+) -> Result<(), ConfigError> {
+    validate(
+        vcpus,
+        memory_mib,
+        u64::from(MAX_CPUS),
+        host_memory_mib(),
+        kernel,
+        initrd,
+    )
+}
+
 /// Checks sizes and paths; `max_vcpus` is what the hypervisor allows.
 pub fn validate(
     vcpus: u64,

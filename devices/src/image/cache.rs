@@ -5,25 +5,27 @@
 //!
 //! ```text
 //! <algo>-<hex>.raw        a complete, fsync'ed, read-only (0444) raw base
-//! <algo>-<hex>.lock       flock'ed while the base is being built (kept afterwards)
-//! .<algo>-<hex>.raw.tmp   the base being built; renamed into place only when complete
+//! <algo>-<hex>.lock       flock'ed while the base is being built, removed after
 //! ```
 //!
-//! A base appears under its final name only after its data and metadata are durable
-//! (fdatasync, fchmod, fsync, rename, fsync of the directory), so a crash never leaves a
-//! half-written base that looks valid; a stale `.tmp` is removed by the next builder.
-//! Concurrent callers for the same digest (threads or processes) serialize on the lock
-//! file: the first converts, the others wait and then find the finished base.
+//! The base is built in an unnamed file ([`TempOutput`], `O_TMPFILE`) and linked under its
+//! final name only after its data and metadata are durable (fchmod, fsync, link, fsync of
+//! the directory), so a crash or a kill never leaves a half-written base that looks valid,
+//! nor any temporary file. Concurrent callers for the same digest (threads or processes)
+//! serialize on the lock file: the first converts, the others wait and then find the
+//! finished base. The builder unlinks the lock file before it unlocks it; a waiter that
+//! then holds a lock on an unlinked file starts over on a new one.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::convert::{convert, ConvertError, ConvertStats};
-use super::detect_format;
+use super::convert::{convert, ConvertError, ConvertStats, Limits};
+use super::output::TempOutput;
+use super::{detect_format, open_input};
 
 /// Where bases live unless the caller says otherwise.
 pub const DEFAULT_ROOT: &str = "/var/lib/kestrel/images";
@@ -119,11 +121,13 @@ impl ImageCache {
     /// Returns the base for `source`, converting it (QCOW2 or raw) if it is not cached.
     ///
     /// `digest` names the content (e.g. the OCI layer digest); without it the sha256 of
-    /// `source` is computed. `progress(done, total)` is called only if this call converts.
+    /// `source` is computed. `progress(done, total)` is called only if this call converts,
+    /// which it does within `limits`.
     pub fn get_or_convert(
         &self,
         source: &Path,
         digest: Option<&str>,
+        limits: &Limits,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<CachedImage, CacheError> {
         let digest = match digest {
@@ -132,9 +136,9 @@ impl ImageCache {
         };
         let mut stats = None;
         let mut image = self.get_or_build(&digest, &mut |output, _| {
-            let input = File::open(source).map_err(io_err("source image", source))?;
+            let input = open_input(source).map_err(io_err("source image", source))?;
             let format = detect_format(&input).map_err(io_err("source image", source))?;
-            let s = convert(&input, format, output, progress).map_err(|source_err| {
+            let s = convert(&input, format, output, limits, progress).map_err(|source_err| {
                 CacheError::Convert {
                     path: source.to_path_buf(),
                     source: source_err,
@@ -149,9 +153,10 @@ impl ImageCache {
     }
 
     /// Returns the base stored under `digest`, building it with `build` if it is not
-    /// cached. `build(file, path)` fills the new, empty temporary file (open read-write at
-    /// `path`) and returns the disk's size; the cache then makes it read-only and durable
-    /// and renames it into place. Concurrent callers for one digest build it once.
+    /// cached. `build(file, path)` fills the new, empty, unnamed file (open read-write;
+    /// `path` opens it, from a child process too) and returns the disk's size; the cache
+    /// then makes it read-only and durable and links it into place. Concurrent callers
+    /// for one digest build it once.
     pub fn get_or_build(
         &self,
         digest: &str,
@@ -164,29 +169,18 @@ impl ImageCache {
         fs::create_dir_all(&self.root).map_err(io_err("cache directory", &self.root))?;
 
         let lock_path = self.root.join(format!("{stem}.lock"));
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err("lock file", &lock_path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| io_err("lock file", &lock_path)(e.into()))?;
+        let lock = lock_exclusive(&lock_path)?;
         // Another caller may have finished while we waited.
         if let Some(found) = self.lookup(digest)? {
             return Ok(found);
         }
 
         let final_path = self.root.join(format!("{stem}.raw"));
-        let tmp_path = self.root.join(format!(".{stem}.raw.tmp"));
-        let result = self.build(&tmp_path, &final_path, build);
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp_path);
-        }
-        let virtual_size = result?;
+        let result = self.build(&final_path, build);
+        // Unlinked while still locked: a waiter notices and starts over (lock_exclusive).
+        let _ = fs::remove_file(&lock_path);
         drop(lock);
+        let virtual_size = result?;
         Ok(CachedImage {
             path: final_path,
             digest: digest.to_string(),
@@ -197,36 +191,44 @@ impl ImageCache {
 
     fn build(
         &self,
-        tmp_path: &Path,
         final_path: &Path,
         build: &mut dyn FnMut(&File, &Path) -> Result<u64, CacheError>,
     ) -> Result<u64, CacheError> {
-        // A leftover from a crashed builder (we hold the lock, so nobody else writes it).
-        match fs::remove_file(tmp_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("temporary base", tmp_path)(e)),
-        }
-        let output = OpenOptions::new()
+        let output = TempOutput::create(&self.root, 0o644)
+            .map_err(io_err("temporary base in", &self.root))?;
+        let size = build(output.file(), &output.path())?;
+        let file = output.file();
+        file.set_permissions(fs::Permissions::from_mode(0o444))
+            .and_then(|()| file.sync_all())
+            .map_err(io_err("new base", final_path))?;
+        output
+            .persist(final_path)
+            .map_err(io_err("cached base", final_path))?;
+        Ok(size)
+    }
+}
+
+/// Opens and flocks the lock file at `path`, again if its holder unlinked it meanwhile
+/// (the lock then no longer excludes anyone who opens the path anew).
+fn lock_exclusive(path: &Path) -> Result<File, CacheError> {
+    loop {
+        let lock = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(tmp_path)
-            .map_err(io_err("temporary base", tmp_path))?;
-        let size = build(&output, tmp_path)?;
-        output
-            .set_permissions(fs::Permissions::from_mode(0o444))
-            .map_err(io_err("temporary base", tmp_path))?;
-        output
-            .sync_all()
-            .map_err(io_err("temporary base", tmp_path))?;
-        drop(output);
-        fs::rename(tmp_path, final_path).map_err(io_err("cached base", final_path))?;
-        File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("cache directory", &self.root))?;
-        Ok(size)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err("lock file", path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err("lock file", path)(e.into()))?;
+        let held = lock.metadata().map_err(io_err("lock file", path))?;
+        match fs::metadata(path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(lock),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("lock file", path)(e)),
+        }
     }
 }
 
@@ -251,7 +253,8 @@ fn file_stem(digest: &str) -> Result<String, CacheError> {
 
 /// The sha256 digest of a file, as `sha256:<hex>`, read in 1 MiB pieces.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
+    let mut file = open_input(path)?;
+    super::input_len(&file)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -299,7 +302,7 @@ mod tests {
         let cache = ImageCache::new(dir.as_path().join("images"));
         let mut calls = 0;
         let first = cache
-            .get_or_convert(&src, None, &mut |_, _| calls += 1)
+            .get_or_convert(&src, None, &Limits::default(), &mut |_, _| calls += 1)
             .unwrap();
         assert!(first.converted.is_some());
         assert!(calls > 0);
@@ -307,7 +310,9 @@ mod tests {
         assert_eq!(fs::read(&first.path).unwrap(), data);
         let mode = fs::metadata(&first.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o444);
-        let second = cache.get_or_convert(&src, None, &mut |_, _| {}).unwrap();
+        let second = cache
+            .get_or_convert(&src, None, &Limits::default(), &mut |_, _| {})
+            .unwrap();
         assert!(second.converted.is_none());
         assert_eq!(second.path, first.path);
         // No temporary file is left behind.
@@ -329,14 +334,13 @@ mod tests {
         let cache = ImageCache::new(dir.as_path().join("images"));
         let digest = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
         let err = cache
-            .get_or_convert(&src, Some(digest), &mut |_, _| {})
+            .get_or_convert(&src, Some(digest), &Limits::default(), &mut |_, _| {})
             .unwrap_err();
         assert!(matches!(err, CacheError::Convert { .. }), "{err:?}");
         assert!(cache.lookup(digest).unwrap().is_none());
         let leftovers: Vec<_> = fs::read_dir(cache.root())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| !n.ends_with(".lock"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
@@ -355,7 +359,7 @@ mod tests {
                 std::thread::spawn(move || {
                     barrier.wait();
                     cache
-                        .get_or_convert(&src, Some(digest), &mut |_, _| {})
+                        .get_or_convert(&src, Some(digest), &Limits::default(), &mut |_, _| {})
                         .unwrap()
                 })
             })

@@ -10,12 +10,24 @@
 //! first pass over the L1 and L2 tables checks every entry (alignment, offsets within the
 //! file), so a hostile image is refused before anything is written; only a compressed
 //! cluster that does not decompress to exactly one cluster is found mid-way (the caller
-//! then discards its temporary output). The output is sized with `ftruncate` first; unallocated clusters, zero clusters and
-//! all-zero [`ZERO_BLOCK`]-byte blocks of data are never written, so they stay holes.
+//! then discards its temporary output). The output is sized with `ftruncate` first;
+//! unallocated clusters, zero clusters and all-zero [`ZERO_BLOCK`]-byte blocks of data are
+//! never written, so they stay holes.
+//!
+//! The work is bounded by the input, not by what its tables claim: the first pass keeps a
+//! bitmap of the file's clusters ([`HostMap`]) and refuses an L2 table or a data cluster
+//! used twice or overlapping the header, the L1 table or the refcount table (a 16 MiB file
+//! whose L2 entries all name one cluster would otherwise describe 16 TiB of data); the
+//! compressed data actually decompressed may not add up to more bytes than the file has.
+//! Before writing, the output's filesystem must have room for every allocated cluster.
+//! [`Limits`] adds a deadline and a cancellation flag, checked at least once per L2 table.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::qcow2::{read_up_to, ClusterMapping, Decompressor, Qcow2Error, Qcow2Header};
 use super::ImageFormat;
@@ -40,8 +52,64 @@ pub enum ConvertError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot use the input")]
+    Input(#[source] io::Error),
     #[error("the raw input is larger than the {limit}-byte limit")]
     TooLarge { limit: u64 },
+    #[error("cannot make the output {size} bytes long (the virtual size)")]
+    SizeOutput {
+        size: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the output's filesystem has {free} bytes free; the image's allocated clusters need up \
+         to {needed}"
+    )]
+    NoSpace { needed: u64, free: u64 },
+    #[error("the conversion did not finish within {0:?}")]
+    TimedOut(Duration),
+    #[error("the conversion was cancelled")]
+    Cancelled,
+}
+
+/// Bounds on one conversion, checked at least once per L2 table (or 2 MiB of raw data).
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Give up with [`ConvertError::TimedOut`] after this long.
+    pub timeout: Option<Duration>,
+    /// Give up with [`ConvertError::Cancelled`] once this is set.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// [`Limits`] of a running conversion.
+struct Budget<'a> {
+    limits: &'a Limits,
+    deadline: Option<Instant>,
+}
+
+impl<'a> Budget<'a> {
+    fn new(limits: &'a Limits) -> Self {
+        Budget {
+            limits,
+            deadline: limits.timeout.map(|t| Instant::now() + t),
+        }
+    }
+
+    fn check(&self) -> Result<(), ConvertError> {
+        if self
+            .limits
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err(ConvertError::Cancelled);
+        }
+        match (self.deadline, self.limits.timeout) {
+            (Some(d), Some(t)) if Instant::now() >= d => Err(ConvertError::TimedOut(t)),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl From<Qcow2Error> for ConvertError {
@@ -77,16 +145,18 @@ pub fn convert(
     input: &File,
     format: ImageFormat,
     output: &File,
+    limits: &Limits,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats, ConvertError> {
-    let file_len = input.metadata().map_err(io_err("input"))?.len();
+    let budget = Budget::new(limits);
+    let file_len = super::input_len(input).map_err(ConvertError::Input)?;
     // Mostly sequential reads: ask for a larger readahead (advisory, errors ignored).
     let _ = rustix::fs::fadvise(input, 0, None, rustix::fs::Advice::Sequential);
     let (virtual_size, bytes_written) = match format {
         ImageFormat::Qcow2 => {
             // Everything in the header is validated before the output is touched.
             let header = Qcow2Header::read(input, file_len)?;
-            let written = convert_qcow2(input, file_len, &header, output, progress)?;
+            let written = convert_qcow2(input, file_len, &header, output, &budget, progress)?;
             (header.virtual_size, written)
         }
         ImageFormat::Raw => {
@@ -95,9 +165,18 @@ pub fn convert(
                     limit: super::qcow2::MAX_VIRTUAL_SIZE,
                 });
             }
-            prepare_output(output, file_len)?;
-            let written = copy_raw(input, file_len, output, progress)?;
-            (file_len, written)
+            // qemu sizes a raw disk in whole 512-byte sectors, rounding up (zeroes).
+            let size = file_len.next_multiple_of(512);
+            let meta = input.metadata().map_err(io_err("input"))?;
+            let allocated = if meta.file_type().is_file() {
+                (meta.blocks() * 512).min(file_len)
+            } else {
+                file_len
+            };
+            check_space(output, allocated)?;
+            prepare_output(output, size)?;
+            let written = copy_raw(input, file_len, output, &budget, progress)?;
+            (size, written)
         }
     };
     progress(virtual_size, virtual_size);
@@ -114,7 +193,107 @@ fn prepare_output(output: &File, size: u64) -> Result<(), ConvertError> {
     if output.metadata().map_err(io_err("output"))?.len() != 0 {
         output.set_len(0).map_err(io_err("output"))?;
     }
-    output.set_len(size).map_err(io_err("output"))
+    output
+        .set_len(size)
+        .map_err(|source| ConvertError::SizeOutput { size, source })
+}
+
+/// Refuses to start when the output's filesystem has less than `needed` bytes free.
+fn check_space(output: &File, needed: u64) -> Result<(), ConvertError> {
+    let st = rustix::fs::fstatvfs(output).map_err(|e| io_err("output")(e.into()))?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if needed > free {
+        return Err(ConvertError::NoSpace { needed, free });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) fn check_space_for_tests(output: &File, needed: u64) -> Result<(), ConvertError> {
+    check_space(output, needed)
+}
+
+/// One bit per cluster of the input file: set for the header, the L1 and refcount tables,
+/// every L2 table and every data cluster, each of which may be used once.
+pub(crate) struct HostMap {
+    bits: Vec<u64>,
+    cluster_bits: u32,
+    /// Clusters marked.
+    claimed: u64,
+}
+
+/// Largest [`HostMap`] (64 MiB): files of more clusters than this are refused.
+const MAX_HOST_MAP_BITS: u64 = 1 << 29;
+
+impl HostMap {
+    fn new(header: &Qcow2Header, file_len: u64) -> Result<Self, Qcow2Error> {
+        let clusters = file_len.div_ceil(header.cluster_size());
+        if clusters > MAX_HOST_MAP_BITS {
+            return Err(Qcow2Error::InvalidHeader(format!(
+                "the file has {clusters} clusters of {} bytes; at most {MAX_HOST_MAP_BITS} are \
+                 supported",
+                header.cluster_size()
+            )));
+        }
+        let mut map = HostMap {
+            bits: vec![0; clusters.div_ceil(64) as usize],
+            cluster_bits: header.cluster_bits,
+            claimed: 0,
+        };
+        let cs = header.cluster_size();
+        map.claim_range(0, cs, "the header")?;
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        map.claim_range(header.l1_table_offset, l1_bytes, "the L1 table")?;
+        let reftable = u64::from(header.refcount_table_clusters) * cs;
+        map.claim_range(header.refcount_table_offset, reftable, "the refcount table")?;
+        Ok(map)
+    }
+
+    /// Marks the clusters of `[offset, offset + len)` (within the file) as used by `what`.
+    fn claim_range(&mut self, offset: u64, len: u64, what: &str) -> Result<(), Qcow2Error> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset >> self.cluster_bits;
+        let end = offset.saturating_add(len).div_ceil(1 << self.cluster_bits);
+        for c in first..end {
+            if !self.claim(c) {
+                return Err(Qcow2Error::InvalidEntry(format!(
+                    "{what} overlaps another table at host offset {:#x}",
+                    c << self.cluster_bits
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks cluster `c`; false when it was already used (or is past the file).
+    fn claim(&mut self, c: u64) -> bool {
+        let Some(word) = self.bits.get_mut((c / 64) as usize) else {
+            return false;
+        };
+        let bit = 1u64 << (c % 64);
+        if *word & bit != 0 {
+            return false;
+        }
+        *word |= bit;
+        self.claimed += 1;
+        true
+    }
+
+    /// Bytes of the file in clusters no table or data cluster uses: where compressed
+    /// data can be.
+    fn unclaimed_bytes(&self, file_len: u64) -> u64 {
+        file_len.saturating_sub(self.claimed << self.cluster_bits)
+    }
+
+    /// True when the cluster holding host offset `offset` is used by a table or data.
+    fn used(&self, offset: u64) -> bool {
+        let c = offset >> self.cluster_bits;
+        self.bits
+            .get((c / 64) as usize)
+            .is_some_and(|w| w & (1u64 << (c % 64)) != 0)
+    }
 }
 
 /// True when every byte of `buf` is zero (vectorizes well).
@@ -211,16 +390,26 @@ struct DataRun {
     len: u64,
 }
 
-/// What [`walk_l2_tables`] calls for each L2 table: `(guest_start, guest_end, entries)`.
-type L2Visitor<'a> = dyn FnMut(u64, u64, Option<&[u8]>) -> Result<(), ConvertError> + 'a;
+/// One L2 table as [`walk_l2_tables`] gives it.
+struct L2Table<'a> {
+    /// Host offset of the table.
+    offset: u64,
+    /// The entries covering the visited guest range.
+    entries: &'a [u8],
+}
 
-/// Calls `f(guest_start, guest_end, l2_entries)` for every L1 entry that maps the disk,
-/// in guest order. `l2_entries` holds the L2 entries covering `[guest_start, guest_end)`,
-/// or is `None` when the L2 table is unallocated. One L2 table is in memory at a time.
+/// What [`walk_l2_tables`] calls for each L2 table: `(guest_start, guest_end, table)`.
+type L2Visitor<'a> = dyn FnMut(u64, u64, Option<L2Table<'_>>) -> Result<(), ConvertError> + 'a;
+
+/// Calls `f(guest_start, guest_end, table)` for every L1 entry that maps the disk, in
+/// guest order. `table` holds the L2 entries covering `[guest_start, guest_end)`, or is
+/// `None` when the L2 table is unallocated. One L2 table is in memory at a time; the
+/// budget is checked before each.
 fn walk_l2_tables(
     input: &File,
     file_len: u64,
     header: &Qcow2Header,
+    budget: &Budget<'_>,
     f: &mut L2Visitor<'_>,
 ) -> Result<(), ConvertError> {
     let cs = header.cluster_size();
@@ -246,6 +435,7 @@ fn walk_l2_tables(
             let guest_start = l1_index * coverage;
             let guest_end = guest_start.saturating_add(coverage).min(size);
             l1_index += 1;
+            budget.check()?;
             let Some(l2_offset) = header.l2_table_offset(entry, file_len)? else {
                 f(guest_start, guest_end, None)?;
                 continue;
@@ -257,7 +447,11 @@ fn walk_l2_tables(
                     source,
                 })?;
             let clusters = (guest_end - guest_start).div_ceil(cs) as usize;
-            f(guest_start, guest_end, l2_buf.get(..clusters * 8))?;
+            let table = L2Table {
+                offset: l2_offset,
+                entries: l2_buf.get(..clusters * 8).unwrap_or_default(),
+            };
+            f(guest_start, guest_end, Some(table))?;
         }
     }
     Ok(())
@@ -274,21 +468,59 @@ fn convert_qcow2(
     file_len: u64,
     header: &Qcow2Header,
     output: &File,
+    budget: &Budget<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, ConvertError> {
-    // First pass: every L1 and L2 entry is checked (alignment, within the file) before
-    // the output is touched, so only a bad compressed cluster can fail mid-way.
-    walk_l2_tables(input, file_len, header, &mut |_, _, table| {
-        for e in l2_entries(table.unwrap_or_default()) {
-            header.cluster_mapping(e, file_len)?;
-        }
-        Ok(())
-    })?;
+    // First pass: every L1 and L2 entry is checked (alignment, within the file, each
+    // table and data cluster used once) before the output is touched, so only a bad
+    // compressed cluster can fail mid-way.
+    let cs = header.cluster_size();
+    let mut host = HostMap::new(header, file_len)?;
+    let mut allocated = 0u64;
+    walk_l2_tables(
+        input,
+        file_len,
+        header,
+        budget,
+        &mut |guest_start, _, table| {
+            let Some(table) = table else { return Ok(()) };
+            if !host.claim(table.offset / cs) {
+                return Err(Qcow2Error::InvalidEntry(format!(
+                    "the L2 table at host offset {:#x} (guest offset {guest_start:#x}) is also \
+                 used by another table or a data cluster",
+                    table.offset
+                ))
+                .into());
+            }
+            for (j, e) in l2_entries(table.entries).enumerate() {
+                let guest = guest_start + j as u64 * cs;
+                match header.cluster_mapping(e, guest, file_len)? {
+                    ClusterMapping::Zero => {}
+                    ClusterMapping::Data(h) => {
+                        if !host.claim(h / cs) {
+                            return Err(Qcow2Error::InvalidEntry(format!(
+                                "the data cluster at host offset {h:#x} (guest offset \
+                             {guest:#x}) is also used by another cluster or a table"
+                            ))
+                            .into());
+                        }
+                        allocated += cs;
+                    }
+                    ClusterMapping::Compressed { .. } => allocated += cs,
+                }
+            }
+            Ok(())
+        },
+    )?;
+    check_space(output, allocated.min(header.virtual_size))?;
     prepare_output(output, header.virtual_size)?;
 
-    let cs = header.cluster_size();
     // cluster_size <= 2 MiB.
     let cs_usize = cs as usize;
+    // Bytes of compressed data decompressed so far: streams of a sound image do not
+    // overlap, so they fit in the clusters that hold no table or data.
+    let mut compressed_in = 0u64;
+    let compressed_room = host.unclaimed_bytes(file_len);
     let size = header.virtual_size;
     let mut writer = SparseWriter::new(output);
     let mut run_buf: Vec<u8> = Vec::new();
@@ -302,13 +534,14 @@ fn convert_qcow2(
         input,
         file_len,
         header,
+        budget,
         &mut |guest_start, guest_end, table| {
             let Some(table) = table else {
                 progress(guest_end, size);
                 return Ok(());
             };
             let mut run: Option<DataRun> = None;
-            for (j, e) in l2_entries(table).enumerate() {
+            for (j, e) in l2_entries(table.entries).enumerate() {
                 let guest = guest_start + j as u64 * cs;
                 if guest >= last_report + PROGRESS_STEP {
                     last_report = guest;
@@ -316,7 +549,7 @@ fn convert_qcow2(
                 }
                 // The last cluster may extend past the virtual size.
                 let len = cs.min(size - guest);
-                match header.cluster_mapping(e, file_len)? {
+                match header.cluster_mapping(e, guest, file_len)? {
                     ClusterMapping::Zero => {}
                     ClusterMapping::Data(host) => {
                         if let Some(r) = run.as_mut() {
@@ -335,6 +568,13 @@ fn convert_qcow2(
                         continue;
                     }
                     ClusterMapping::Compressed { offset, len: clen } => {
+                        if host.used(offset) {
+                            return Err(Qcow2Error::InvalidEntry(format!(
+                                "the compressed cluster at host offset {offset:#x} (guest \
+                                 offset {guest:#x}) lies in a table or a data cluster"
+                            ))
+                            .into());
+                        }
                         let dec = match decompressor.as_mut() {
                             Some(d) => d,
                             None => decompressor
@@ -348,7 +588,15 @@ fn convert_qcow2(
                                 what: "compressed cluster",
                                 source,
                             })?;
-                        dec.decompress(offset, &comp_buf, &mut cluster_buf)?;
+                        compressed_in += dec.decompress(offset, &comp_buf, &mut cluster_buf)?;
+                        if compressed_in > compressed_room {
+                            return Err(Qcow2Error::InvalidEntry(format!(
+                                "compressed clusters overlap: by guest offset {guest:#x} they \
+                                 take more than the {compressed_room} bytes of the file that \
+                                 hold no table or data cluster"
+                            ))
+                            .into());
+                        }
                         writer.push(guest, cluster_buf.get(..len as usize).unwrap_or_default())?;
                     }
                 }
@@ -392,6 +640,7 @@ fn copy_raw(
     input: &File,
     size: u64,
     output: &File,
+    budget: &Budget<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, ConvertError> {
     use rustix::fs::{seek, SeekFrom};
@@ -415,6 +664,7 @@ fn copy_raw(
         };
         let mut at = data_start;
         while at < data_end {
+            budget.check()?;
             let n = (data_end - at).min(RUN_BYTES as u64) as usize;
             let chunk = buf.get_mut(..n).unwrap_or_default();
             input.read_exact_at(chunk, at).map_err(io_err("input"))?;

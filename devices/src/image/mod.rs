@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod convert;
+pub mod output;
 pub mod qcow2;
 pub mod vm_disk;
 
@@ -55,4 +56,76 @@ pub fn detect_format(file: &File) -> io::Result<ImageFormat> {
     } else {
         ImageFormat::Raw
     })
+}
+
+/// Opens an input image read-only without blocking: a FIFO's `open` would wait for a
+/// writer forever, so the file is opened `O_NONBLOCK` (which has no effect on regular files
+/// and block devices) and [`input_len`] then refuses anything else.
+pub fn open_input(path: &std::path::Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    // Reads of what is left (a regular file or a block device) block as usual.
+    let flags = rustix::fs::fcntl_getfl(&file)?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)?;
+    Ok(file)
+}
+
+/// What kind of file an input that is not an image is.
+fn file_kind(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_symlink() {
+        "symbolic link"
+    } else {
+        "special file"
+    }
+}
+
+/// The length of an input image: a regular file's size or a block device's (which
+/// `stat` reports as 0). Anything else is refused with [`io::ErrorKind::InvalidInput`]
+/// and a message naming its kind.
+pub fn input_len(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    let ft = meta.file_type();
+    if ft.is_file() {
+        Ok(meta.len())
+    } else if ft.is_block_device() {
+        rustix::fs::seek(file, rustix::fs::SeekFrom::End(0)).map_err(io::Error::from)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "it is a {}, not a regular file or a block device",
+                file_kind(ft)
+            ),
+        ))
+    }
+}
+
+/// Refuses an output path that exists and is not a regular file (a device, a FIFO, a
+/// directory): the converter replaces the output by a rename, which would destroy it.
+pub fn check_output_path(path: &std::path::Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(m) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "it is a {}; the output must be a regular file or a new path",
+                file_kind(m.file_type())
+            ),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }

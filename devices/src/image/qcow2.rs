@@ -52,6 +52,8 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_COMPRESSED: u64 = 1 << 62;
 const L2_ZERO: u64 = 1 << 0;
+/// Bits 1..=8 and 56..=61 of a standard L2 entry must be zero.
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// Why a QCOW2 image is refused or could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -354,7 +356,8 @@ impl Qcow2Header {
         Ok(Qcow2Header {
             version,
             cluster_bits,
-            virtual_size,
+            // qemu sizes a QCOW2 disk in whole 512-byte sectors, rounding down.
+            virtual_size: virtual_size & !511,
             l1_size,
             l1_table_offset,
             refcount_table_offset,
@@ -377,15 +380,21 @@ impl Qcow2Header {
         let end = first_cluster.len().min(self.cluster_size_usize());
         let mut at = self.header_length as usize;
         while at < end {
-            let ty = be32(first_cluster, at)
-                .map_err(|_| invalid("header extension runs past the first cluster"))?;
+            let past = || {
+                invalid(format!(
+                    "the header extension at offset {at} runs past the first cluster \
+                     ({end} bytes)"
+                ))
+            };
+            let ty = be32(first_cluster, at).map_err(|_| past())?;
             if ty == EXT_END {
                 return Ok(());
             }
-            let len = be32(first_cluster, at.saturating_add(4))
-                .map_err(|_| invalid("header extension runs past the first cluster"))?;
+            let len = be32(first_cluster, at.saturating_add(4)).map_err(|_| past())?;
             match ty {
-                EXT_BACKING_FORMAT => return Err(Qcow2Error::BackingFile),
+                // Without a backing file (refused by `parse`) the backing format is unused,
+                // as in qemu.
+                EXT_BACKING_FORMAT => {}
                 EXT_DATA_FILE => return Err(Qcow2Error::ExternalDataFile),
                 EXT_CRYPTO_HEADER => return Err(Qcow2Error::Encrypted),
                 _ => {}
@@ -398,7 +407,12 @@ impl Qcow2Header {
                 .checked_add(8)
                 .and_then(|a| a.checked_add(padded))
                 .filter(|&a| a <= end)
-                .ok_or_else(|| invalid("header extension runs past the first cluster"))?;
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "header extension of type {ty:#010x} at offset {at} ({len} bytes) runs \
+                         past the first cluster ({end} bytes)"
+                    ))
+                })?;
         }
         Ok(())
     }
@@ -487,10 +501,11 @@ impl Qcow2Header {
         }
     }
 
-    /// Decodes a standard L2 entry.
+    /// Decodes a standard L2 entry, the one of the cluster at `guest` (for messages).
     pub fn cluster_mapping(
         &self,
         l2_entry: u64,
+        guest: u64,
         file_len: u64,
     ) -> Result<ClusterMapping, Qcow2Error> {
         if l2_entry & L2_COMPRESSED != 0 {
@@ -502,7 +517,8 @@ impl Qcow2Header {
             let len = sectors * 512 - (offset % 512);
             if offset >= file_len {
                 return Err(Qcow2Error::InvalidEntry(format!(
-                    "compressed cluster at {offset:#x} lies past the end of the file"
+                    "compressed cluster at {offset:#x} (guest offset {guest:#x}) lies past the \
+                     end of the file"
                 )));
             }
             // qemu reads past EOF as zeroes; the decompressor fails if it needs them.
@@ -510,22 +526,23 @@ impl Qcow2Header {
             return Ok(ClusterMapping::Compressed { offset, len });
         }
         let offset = l2_entry & OFFSET_MASK;
+        if l2_entry & L2_RESERVED != 0 {
+            return Err(Qcow2Error::InvalidEntry(format!(
+                "L2 entry {l2_entry:#x} for guest offset {guest:#x} has reserved bits set"
+            )));
+        }
         if l2_entry & L2_ZERO != 0 || offset == 0 {
-            if l2_entry & 0x1fe != 0 && offset != 0 {
-                return Err(Qcow2Error::InvalidEntry(format!(
-                    "L2 entry {l2_entry:#x} has reserved bits set"
-                )));
-            }
             return Ok(ClusterMapping::Zero);
         }
-        if offset % self.cluster_size() != 0 || l2_entry & 0x1fe != 0 {
+        if offset % self.cluster_size() != 0 {
             return Err(Qcow2Error::InvalidEntry(format!(
-                "data cluster offset {offset:#x} is not cluster-aligned"
+                "data cluster offset {offset:#x} (guest offset {guest:#x}) is not cluster-aligned"
             )));
         }
         if offset >= file_len {
             return Err(Qcow2Error::InvalidEntry(format!(
-                "data cluster at {offset:#x} lies past the end of the file"
+                "data cluster at {offset:#x} (guest offset {guest:#x}) lies past the end of the \
+                 file"
             )));
         }
         Ok(ClusterMapping::Data(offset))
@@ -565,13 +582,14 @@ impl Decompressor {
         })
     }
 
-    /// Decompresses `input` (read from host offset `offset`) into `out`.
+    /// Decompresses `input` (read from host offset `offset`) into `out`; returns the
+    /// bytes of `input` the compressed data really took.
     pub fn decompress(
         &mut self,
         offset: u64,
         input: &[u8],
         out: &mut [u8],
-    ) -> Result<(), Qcow2Error> {
+    ) -> Result<u64, Qcow2Error> {
         let bad = |reason: &str| Qcow2Error::BadCompressedCluster {
             offset,
             reason: reason.to_string(),
@@ -597,7 +615,7 @@ impl Decompressor {
                     }));
                 }
                 out.copy_from_slice(self.scratch.get(..produced).ok_or_else(|| bad("size"))?);
-                Ok(())
+                Ok(self.deflate.total_in())
             }
             Compression::Zstd => {
                 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
@@ -631,7 +649,7 @@ impl Decompressor {
                 }
                 let produced = outb.pos();
                 out.copy_from_slice(self.scratch.get(..produced).ok_or_else(|| bad("size"))?);
-                Ok(())
+                Ok(inb.pos() as u64)
             }
         }
     }

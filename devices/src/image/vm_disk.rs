@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::cache::{sha256_file, CacheError, ImageCache};
+use super::convert::Limits;
 use crate::disk::overlay::{Overlay, OverlayError};
 
 /// Where converted bases and remembered digests live.
@@ -53,8 +54,9 @@ impl VmDiskError {
 }
 
 /// The content digest of `disk`, remembered by file identity (device, inode, size, mtime)
-/// so that a second start of the same image does not read it again.
-pub fn content_digest(dirs: &ImageDirs, disk: &Path) -> Result<String, VmDiskError> {
+/// so that a second start of the same image does not read it again. Only the digest of an
+/// image that converted is remembered ([`ContentDigest::remember`]).
+pub fn content_digest(dirs: &ImageDirs, disk: &Path) -> Result<ContentDigest, VmDiskError> {
     let meta = fs::metadata(disk).map_err(|e| VmDiskError::Read(disk.into(), e))?;
     let identity = format!(
         "{}:{}:{}:{}.{}",
@@ -68,21 +70,42 @@ pub fn content_digest(dirs: &ImageDirs, disk: &Path) -> Result<String, VmDiskErr
     let memo = dirs.digests.join(key);
     if let Ok(d) = fs::read_to_string(&memo) {
         if d.starts_with("sha256:") {
-            return Ok(d);
+            return Ok(ContentDigest {
+                digest: d,
+                memo: None,
+            });
         }
     }
     let digest = sha256_file(disk).map_err(|e| VmDiskError::Read(disk.into(), e))?;
-    // The memo is an optimisation: failing to write it only costs a re-hash next time.
-    if fs::create_dir_all(&dirs.digests).is_ok() {
-        let tmp = memo.with_extension("tmp");
-        if fs::write(&tmp, &digest)
-            .and_then(|_| fs::rename(&tmp, &memo))
-            .is_err()
-        {
-            log::debug!("cannot remember the digest of {}", disk.display());
+    Ok(ContentDigest {
+        digest,
+        memo: Some(memo),
+    })
+}
+
+/// A disk's content digest, and where to remember it if it was computed anew.
+#[derive(Debug, Clone)]
+pub struct ContentDigest {
+    pub digest: String,
+    memo: Option<PathBuf>,
+}
+
+impl ContentDigest {
+    /// Remembers the digest for the next start. The memo is an optimisation: failing to
+    /// write it only costs a re-hash next time.
+    pub fn remember(&self) {
+        let Some(memo) = &self.memo else { return };
+        let written = memo
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|()| {
+                let tmp = memo.with_extension("tmp");
+                fs::write(&tmp, &self.digest).and_then(|_| fs::rename(&tmp, memo))
+            });
+        if let Err(e) = written {
+            log::debug!("cannot remember a digest in {}: {e}", memo.display());
         }
     }
-    Ok(digest)
 }
 
 /// The guest's root device for a raw disk: the first partition when the disk has an MBR
@@ -123,23 +146,25 @@ pub enum ExistingOverlay {
     Keep,
 }
 
-/// Converts `disk` through the cache (once per content digest) and opens the overlay at
-/// `overlay_path`, creating it if needed. Conversion progress goes to `progress`
-/// (percent done).
+/// Converts `disk` through the cache (once per content digest, within `limits`) and opens
+/// the overlay at `overlay_path`, creating it if needed. Conversion progress goes to
+/// `progress` (percent done).
 pub fn prepare(
     dirs: &ImageDirs,
     disk: &Path,
     overlay_path: &Path,
     existing: ExistingOverlay,
+    limits: &Limits,
     progress: &mut dyn FnMut(u64),
 ) -> Result<PreparedDisk, VmDiskError> {
     let digest = content_digest(dirs, disk)?;
     let cache = ImageCache::new(&dirs.images);
     let base = cache
-        .get_or_convert(disk, Some(&digest), &mut |done, total| {
+        .get_or_convert(disk, Some(&digest.digest), limits, &mut |done, total| {
             progress(done.saturating_mul(100).checked_div(total).unwrap_or(100))
         })
         .map_err(VmDiskError::Cache)?;
+    digest.remember();
     if let Some(parent) = overlay_path.parent() {
         fs::create_dir_all(parent).map_err(|e| VmDiskError::CreateDir(parent.into(), e))?;
     }
@@ -187,11 +212,16 @@ mod tests {
         fs::write(&disk, b"hello").unwrap();
         let d1 = content_digest(&dirs, &disk).unwrap();
         assert_eq!(
-            d1,
+            d1.digest,
             "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
+        // Nothing is remembered until the caller says the image converted.
+        assert!(!dirs.digests.exists());
+        d1.remember();
         assert_eq!(fs::read_dir(&dirs.digests).unwrap().count(), 1);
-        assert_eq!(content_digest(&dirs, &disk).unwrap(), d1);
+        let d2 = content_digest(&dirs, &disk).unwrap();
+        assert_eq!(d2.digest, d1.digest);
+        assert!(d2.memo.is_none(), "read from the memo");
     }
 
     #[test]
@@ -202,12 +232,25 @@ mod tests {
         fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
         let mut seen = Vec::new();
         let a_path = dir.path().join("a.overlay");
-        let mut a = prepare(&dirs, &disk, &a_path, ExistingOverlay::Replace, &mut |p| {
-            seen.push(p)
-        })
+        let mut a = prepare(
+            &dirs,
+            &disk,
+            &a_path,
+            ExistingOverlay::Replace,
+            &Limits::default(),
+            &mut |p| seen.push(p),
+        )
         .unwrap();
         let b_path = dir.path().join("b.overlay");
-        let b = prepare(&dirs, &disk, &b_path, ExistingOverlay::Replace, &mut |_| {}).unwrap();
+        let b = prepare(
+            &dirs,
+            &disk,
+            &b_path,
+            ExistingOverlay::Replace,
+            &Limits::default(),
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(a.base, b.base);
         assert_eq!(seen.last(), Some(&100));
         assert!(a.overlay_path.exists() && b.overlay_path.exists());
@@ -218,12 +261,27 @@ mod tests {
         a.overlay.flush().unwrap();
         drop(a);
         let mut buf = [0u8; 512];
-        let mut kept = prepare(&dirs, &disk, &a_path, ExistingOverlay::Keep, &mut |_| {}).unwrap();
+        let mut kept = prepare(
+            &dirs,
+            &disk,
+            &a_path,
+            ExistingOverlay::Keep,
+            &Limits::default(),
+            &mut |_| {},
+        )
+        .unwrap();
         kept.overlay.read_at(0, &mut buf).unwrap();
         assert_eq!(buf, [9u8; 512]);
         drop(kept);
-        let mut fresh =
-            prepare(&dirs, &disk, &a_path, ExistingOverlay::Replace, &mut |_| {}).unwrap();
+        let mut fresh = prepare(
+            &dirs,
+            &disk,
+            &a_path,
+            ExistingOverlay::Replace,
+            &Limits::default(),
+            &mut |_| {},
+        )
+        .unwrap();
         fresh.overlay.read_at(0, &mut buf).unwrap();
         assert_eq!(buf, [7u8; 512]);
     }
