@@ -9,6 +9,7 @@ PACKAGES=(
   build-essential bc bison flex libelf-dev libssl-dev cpio linux-source-6.1
   # tests: payload assembly uses cc/ld/objcopy (binutils); image cross-checks use qemu-img
   binutils qemu-utils python3 lz4
+  strace time  # the hostile-image corpus: files each conversion opens, its peak memory
   containerd runc containernetworking-plugins busybox-static e2fsprogs dosfstools  # containerd tests, tests/images
   protobuf-compiler iproute2  # the CRI tests' client (k8s-cri builds its protos), pod network checks
   mtools cloud-init  # seed/: cross-checks of the NoCloud seed with mtools and Debian's cloud-init

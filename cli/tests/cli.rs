@@ -98,6 +98,35 @@ fn bad_kernel_and_sizes_are_one_line_errors() {
         &kestrel(&["run", "--kernel", s, "--no-initrd", "--memory", "100000000"]),
         "this host has",
     );
+    // A VM that cannot start fails before its image is converted.
+    let state = tempfile::tempdir().unwrap();
+    let image = state.path().join("disk.raw");
+    std::fs::write(&image, vec![1u8; 1 << 20]).unwrap();
+    for (args, what) in [
+        (
+            vec!["--kernel", "/nonexistent/vmlinux"],
+            "kernel /nonexistent/vmlinux does not exist",
+        ),
+        (
+            vec!["--kernel", s, "--memory", "100000000"],
+            "this host has",
+        ),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+            .arg("run")
+            .args(&args)
+            .arg("--image")
+            .arg(&image)
+            .env("KESTREL_STATE_DIR", state.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_error(&o, what);
+        assert!(
+            !state.path().join("images").exists(),
+            "{args:?}: converted before refusing"
+        );
+    }
     if let Some(why) = kvm_unavailable() {
         println!("skipped (not-a-kernel check needs KVM): {why}");
         return;

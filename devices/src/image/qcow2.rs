@@ -43,6 +43,13 @@ const INCOMPAT_EXTL2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
+const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+
+/// Largest extra data of one snapshot table entry (qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA).
+const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+/// Largest snapshot table (qemu's QCOW_MAX_SNAPSHOTS_SIZE).
+const MAX_SNAPSHOT_TABLE_BYTES: u64 = 1024 * MAX_SNAPSHOTS as u64;
+
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_CRYPTO_HEADER: u32 = 0x0537_be77;
@@ -196,7 +203,45 @@ impl Qcow2Header {
         } else {
             header.check_extensions(&first)?;
         }
+        header.check_snapshots(file)?;
         Ok(header)
+    }
+
+    /// Walks the snapshot table as qemu does when it opens an image (the snapshots are
+    /// never read otherwise): every entry's extra data at most [`MAX_SNAPSHOT_EXTRA`]
+    /// bytes, the table at most [`MAX_SNAPSHOT_TABLE_BYTES`]. Past the end of the file
+    /// reads as zeroes, as in qemu.
+    fn check_snapshots(&self, file: &File) -> Result<(), Qcow2Error> {
+        let mut offset = self.snapshots_offset;
+        for i in 0..self.nb_snapshots {
+            offset = offset.next_multiple_of(8);
+            let mut h = [0u8; 40];
+            read_up_to(file, offset, &mut h).map_err(|source| Qcow2Error::Io {
+                what: "snapshot table",
+                source,
+            })?;
+            let field16 = |at: usize| {
+                h.get(at..at + 2)
+                    .and_then(|b| <[u8; 2]>::try_from(b).ok())
+                    .map_or(0, u16::from_be_bytes)
+            };
+            let id_len = u64::from(field16(12));
+            let name_len = u64::from(field16(14));
+            let extra = be32(&h, 36)?;
+            if extra > MAX_SNAPSHOT_EXTRA {
+                return Err(invalid(format!(
+                    "snapshot table entry {i} has {extra} bytes of extra data (at most \
+                     {MAX_SNAPSHOT_EXTRA})"
+                )));
+            }
+            offset = offset + 40 + u64::from(extra) + id_len + name_len;
+            if offset - self.snapshots_offset > MAX_SNAPSHOT_TABLE_BYTES {
+                return Err(invalid(format!(
+                    "the snapshot table is larger than {MAX_SNAPSHOT_TABLE_BYTES} bytes"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Validates the fixed header in `buf` (the first bytes of a file of `file_len` bytes).
@@ -343,6 +388,17 @@ impl Qcow2Header {
         if nb_snapshots > MAX_SNAPSHOTS {
             return Err(invalid(format!("{nb_snapshots} snapshots")));
         }
+        // qemu checks the alignment of these tables even when they are empty.
+        for (what, offset) in [
+            ("L1 table", l1_table_offset),
+            ("snapshot table", snapshots_offset),
+        ] {
+            if offset % cluster_size != 0 {
+                return Err(invalid(format!(
+                    "{what} offset {offset:#x} is not cluster-aligned"
+                )));
+            }
+        }
         if nb_snapshots > 0 {
             check_table(
                 "snapshot table",
@@ -351,6 +407,14 @@ impl Qcow2Header {
                 cluster_size,
                 file_len,
             )?;
+        }
+        if refcount_table_clusters == 0 {
+            return Err(invalid("the image has no refcount table"));
+        }
+        if autoclear & AUTOCLEAR_DATA_FILE_RAW != 0 && incompatible & INCOMPAT_DATA_FILE == 0 {
+            return Err(invalid(
+                "the raw-external-data bit is set without an external data file",
+            ));
         }
 
         Ok(Qcow2Header {
@@ -387,10 +451,17 @@ impl Qcow2Header {
                 ))
             };
             let ty = be32(first_cluster, at).map_err(|_| past())?;
+            let len = be32(first_cluster, at.saturating_add(4)).map_err(|_| past())?;
+            // qemu checks the length before the type, the end marker's too.
+            if (len as usize) > end.saturating_sub(at + 8) {
+                return Err(invalid(format!(
+                    "header extension of type {ty:#010x} at offset {at} ({len} bytes) runs \
+                     past the first cluster ({end} bytes)"
+                )));
+            }
             if ty == EXT_END {
                 return Ok(());
             }
-            let len = be32(first_cluster, at.saturating_add(4)).map_err(|_| past())?;
             match ty {
                 // Without a backing file (refused by `parse`) the backing format is unused,
                 // as in qemu.
