@@ -3,16 +3,22 @@
 #   $PREFIX/bin/containerd-shim-kestrel-v2   (on containerd's PATH: runtime io.containerd.kestrel.v2)
 #   $PREFIX/bin/kestrel                      (the CLI)
 #   $PREFIX/share/kestrel/{vmlinux,bzImage,initramfs.cpio}   (the guest assets)
-# PREFIX defaults to /usr/local. Builds what is missing first (the guest kernel is cached).
+# PREFIX defaults to /usr/local. Installs only what kestrel needs at run time
+# (install-deps.sh --runtime); building is a separate step, scripts/build.sh, which may
+# run on another machine with the same $KESTREL_CACHE layout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 PREFIX="${PREFIX:-/usr/local}"
 
-scripts/install-deps.sh
-scripts/build-guest.sh >/dev/null
-echo "install: building kestrel (release)" >&2
-cargo build --release --quiet -p kestrel -p kestrel-shim
+for f in "$CARGO_TARGET_DIR/release/containerd-shim-kestrel-v2" "$CARGO_TARGET_DIR/release/kestrel" \
+         "$KESTREL_ASSETS/vmlinux" "$KESTREL_ASSETS/bzImage" "$KESTREL_ASSETS/initramfs.cpio"; do
+  if [ ! -e "$f" ]; then
+    echo "install: $f is missing: build kestrel first with scripts/build.sh" >&2
+    exit 1
+  fi
+done
+scripts/install-deps.sh --runtime
 
 install -d "$PREFIX/bin" "$PREFIX/share/kestrel"
 install -m 0755 "$CARGO_TARGET_DIR/release/containerd-shim-kestrel-v2" "$PREFIX/bin/"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # From a fresh Debian 12 machine to a container and a VM image in microVMs through
 # containerd:
-#  1. installs the Debian packages kestrel needs (containerd among them);
-#  2. builds and installs kestrel (scripts/install.sh; the guest kernel build takes ~7
-#     minutes the first time and is cached);
+#  1. installs the Debian packages kestrel's build and tests need (containerd among them;
+#     scripts/install-deps.sh);
+#  2. builds kestrel (scripts/build.sh; the guest kernel build takes ~7 minutes the first
+#     time and is cached) and installs it (scripts/install.sh);
 #  3. starts a private containerd (its own root, state and socket under
 #     $KESTREL_CACHE/quickstart; the system's containerd, if any, is untouched);
 #  4. builds two small images locally and imports them: busybox (an ordinary OCI image)
@@ -20,6 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 
+scripts/install-deps.sh
+scripts/build.sh
 scripts/install.sh >/dev/null
 busybox_tar=$(tests/images/build-busybox.sh | head -n1)
 image_tar=$(tests/images/build-containerdisk.sh | head -n 1)

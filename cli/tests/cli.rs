@@ -128,7 +128,7 @@ fn bad_kernel_and_sizes_are_one_line_errors() {
         );
     }
     if let Some(why) = kvm_unavailable() {
-        println!("skipped (not-a-kernel check needs KVM): {why}");
+        kestrel_test_support::skip(format!("the not-a-kernel check needs KVM: {why}"));
         return;
     }
     assert_error(
@@ -140,7 +140,7 @@ fn bad_kernel_and_sizes_are_one_line_errors() {
 #[test]
 fn runs_a_guest_and_exits_with_its_status() {
     if let Some(why) = kvm_unavailable() {
-        println!("skipped: {why}");
+        kestrel_test_support::skip(why);
         return;
     }
     let hello = assemble::payload("hello");

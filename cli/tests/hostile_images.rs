@@ -36,14 +36,6 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn skip(reason: &str) {
-    println!("skipped: {reason}");
-    assert!(
-        std::env::var_os("KESTREL_REQUIRE_KVM").is_none(),
-        "KESTREL_REQUIRE_KVM is set: this machine must run every test ({reason})"
-    );
-}
-
 /// Deterministic pseudo-random numbers.
 struct Rng(u64);
 impl Rng {
@@ -712,7 +704,9 @@ fn is_runtime_file(p: &str) -> bool {
 #[test]
 fn hostile_qcow2_corpus_is_refused_or_converted_like_qemu() {
     if !have("qemu-img") || !have("strace") || !Path::new("/usr/bin/time").exists() {
-        skip("qemu-img, strace or GNU time is not installed (scripts/install-deps.sh)");
+        kestrel_test_support::skip(
+            "qemu-img, strace or GNU time is not installed (scripts/install-deps.sh)",
+        );
         return;
     }
     let kestrel = PathBuf::from(env!("CARGO_BIN_EXE_kestrel"));

@@ -4,8 +4,9 @@
 //! scratch root.
 //!
 //! Each test prints `skipped: <reason>` and passes when a tool is missing
-//! (`apt-get install -y dosfstools mtools cloud-init`) or, for loop mounts, when not
-//! root or no loop device can be set up.
+//! (`scripts/install-deps.sh` installs them, and unpacks cloud-init) or, for loop mounts,
+//! when not root or no loop device can be set up; with `KESTREL_REQUIRE_KVM=1` (CI) a
+//! skip fails.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -20,7 +21,7 @@ use kestrel_seed::{
 };
 
 /// The packages that provide everything used here.
-const PACKAGES: &str = "apt-get install -y dosfstools mtools cloud-init";
+const PACKAGES: &str = "scripts/install-deps.sh";
 
 fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -40,7 +41,7 @@ fn tools<const N: usize>(names: [&str; N]) -> Option<[PathBuf; N]> {
         .map(|(n, _)| *n)
         .collect();
     if !missing.is_empty() {
-        println!("skipped: {} not installed ({PACKAGES})", missing.join(", "));
+        kestrel_test_support::skip(format!("{} not installed ({PACKAGES})", missing.join(", ")));
         return None;
     }
     Some(found.map(Option::unwrap_or_default))
@@ -240,6 +241,20 @@ from cloudinit.sources import DataSourceNoCloud as nc
 from cloudinit.config import cc_write_files
 
 mode, work = sys.argv[1], sys.argv[2]
+if mode == "device-fuse":
+    # The host kernel has no vfat: cloud-init's mounts go through fusefat instead.
+    import subprocess, tempfile
+    def fuse_mount_cb(device, callback, data=None, mtype=None, update_env_for_mount=None, log_error=True):
+        with tempfile.TemporaryDirectory() as tmpd:
+            subprocess.run(["fusefat", "-o", "ro", device, tmpd], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                return callback(tmpd) if data is None else callback(tmpd, data)
+            finally:
+                subprocess.run(["fusermount", "-u", tmpd], check=True)
+    util.mount_cb = fuse_mount_cb
+    mode = "device"
+
 root = os.path.join(work, "root")
 CFG = {
     "system_info": {
@@ -288,10 +303,44 @@ print("keys=" + ",".join(sorted(cfg)))
 print("write_files=" + ",".join(f["path"][len(root):] for f in files))
 "#;
 
-/// The interpreter cloud-init runs under (its `#!` line), with the harness written out.
-fn cloud_init_python(dir: &Path) -> Option<(PathBuf, PathBuf)> {
-    let [cloud_init] = tools(["cloud-init"])?;
-    let script = fs::read_to_string(&cloud_init).unwrap_or_default();
+/// Debian's cloud-init, unpacked (not installed: its package enables units that run at
+/// the host's next boot) by `scripts/install-deps.sh` under `$KESTREL_CACHE/cloud-init`
+/// (or `$KESTREL_CLOUD_INIT`), run from there with the harness written out.
+struct CloudInit {
+    python: PathBuf,
+    /// Its `dist-packages`, for `PYTHONPATH`.
+    packages: PathBuf,
+    /// Its `cloud-init` script.
+    bin: PathBuf,
+    harness: PathBuf,
+}
+
+impl CloudInit {
+    /// The interpreter, seeing the unpacked cloud-init first.
+    fn python(&self) -> Command {
+        let mut c = Command::new(&self.python);
+        c.env("PYTHONPATH", &self.packages);
+        c
+    }
+}
+
+fn cloud_init(dir: &Path) -> Option<CloudInit> {
+    let root = std::env::var_os("KESTREL_CLOUD_INIT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("KESTREL_CACHE").map(|c| Path::new(&c).join("cloud-init")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/kestrel/cloud-init"))
+        })
+        .unwrap_or_default();
+    let bin = root.join("usr/bin/cloud-init");
+    if !bin.is_file() {
+        kestrel_test_support::skip(format!(
+            "Debian's cloud-init is not unpacked at {} (scripts/install-deps.sh)",
+            root.display()
+        ));
+        return None;
+    }
+    let script = fs::read_to_string(&bin).unwrap_or_default();
     let python = script
         .lines()
         .next()
@@ -299,20 +348,25 @@ fn cloud_init_python(dir: &Path) -> Option<(PathBuf, PathBuf)> {
         .map(|l| PathBuf::from(l.split_whitespace().next().unwrap_or_default()))
         .filter(|p| p.is_file());
     let Some(python) = python else {
-        println!(
-            "skipped: cannot find the python interpreter of {}",
-            cloud_init.display()
-        );
+        kestrel_test_support::skip(format!(
+            "cannot find the python interpreter of {}",
+            bin.display()
+        ));
         return None;
     };
     let harness = dir.join("harness.py");
     fs::write(&harness, HARNESS).unwrap();
-    Some((python, harness))
+    Some(CloudInit {
+        python,
+        packages: root.join("usr/lib/python3/dist-packages"),
+        bin,
+        harness,
+    })
 }
 
 /// Runs the harness; returns its `key=value` report.
-fn run_harness(python: &Path, harness: &Path, mode: &str, work: &Path) -> Vec<(String, String)> {
-    let out = run(Command::new(python).arg(harness).arg(mode).arg(work));
+fn run_harness(ci: &CloudInit, mode: &str, work: &Path) -> Vec<(String, String)> {
+    let out = run(ci.python().arg(&ci.harness).arg(mode).arg(work));
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     stdout
@@ -361,10 +415,10 @@ fn assert_environment_written(root: &Path, seed: &Seed) {
 #[test]
 fn cloud_init_nocloud_reads_seed_and_writes_environment() {
     let dir = scratch("cloud-init");
-    let Some((python, harness)) = cloud_init_python(&dir) else {
+    let Some(ci) = cloud_init(&dir) else {
         return;
     };
-    let Some([mcopy, cloud_init]) = tools(["mcopy", "cloud-init"]) else {
+    let Some([mcopy]) = tools(["mcopy"]) else {
         return;
     };
     for (name, seed) in [
@@ -378,13 +432,15 @@ fn cloud_init_nocloud_reads_seed_and_writes_environment() {
         let seed_dir = seed_dir_from_image(&mcopy, &img, &work);
 
         // cloud-init's schema validator accepts the user-data as it is.
-        let schema = run(Command::new(&cloud_init)
+        let schema = run(ci
+            .python()
+            .arg(&ci.bin)
             .args(["schema", "--config-file"])
             .arg(seed_dir.join("user-data")));
         let schema = String::from_utf8_lossy(&schema.stdout);
         assert!(schema.contains("Valid cloud-config"), "{schema}");
 
-        let r = run_harness(&python, &harness, "dir", &work);
+        let r = run_harness(&ci, "dir", &work);
         println!("{name}: {r:?}");
         assert_eq!(report(&r, "instance-id"), seed.instance_id);
         assert_eq!(report(&r, "local-hostname"), seed.hostname);
@@ -398,7 +454,7 @@ fn cloud_init_nocloud_reads_seed_and_writes_environment() {
 #[test]
 fn cloud_init_merges_extra_user_data() {
     let dir = scratch("cloud-init-extra");
-    let Some((python, harness)) = cloud_init_python(&dir) else {
+    let Some(ci) = cloud_init(&dir) else {
         return;
     };
     let Some([mcopy]) = tools(["mcopy"]) else {
@@ -426,7 +482,7 @@ fn cloud_init_merges_extra_user_data() {
         fs::create_dir_all(&work).unwrap();
         let img = image(&work, "seed.img", &seed);
         seed_dir_from_image(&mcopy, &img, &work);
-        let r = run_harness(&python, &harness, "dir", &work);
+        let r = run_harness(&ci, "dir", &work);
         println!("{name}: {r:?}");
         let root = work.join("root");
         assert_eq!(report(&r, "instance-id"), seed.instance_id);
@@ -498,7 +554,7 @@ fn loop_mount_and_cloud_init_device_scan() {
         })
         .unwrap_or(false);
     if !uid {
-        println!("skipped: loop mounts need root");
+        kestrel_test_support::skip("loop mounts need root");
         return;
     }
     let dir = scratch("loop");
@@ -510,20 +566,37 @@ fn loop_mount_and_cloud_init_device_scan() {
         mount_point: None,
     };
 
-    // 1. The kernel's vfat driver: names, contents, read-only.
+    // 1. The kernel's vfat driver (or, on a host kernel built without one, the FUSE FAT
+    //    driver fusefat): names, contents, read-only.
+    let kernel_vfat = fs::read_to_string("/proc/filesystems")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("vfat"));
     let mp = dir.join("mnt");
     fs::create_dir_all(&mp).unwrap();
-    let out = Command::new(&mount)
-        .args(["-o", "loop,ro", "-t", "vfat"])
-        .arg(&img)
-        .arg(&mp)
-        .output()
-        .unwrap();
+    let out = if kernel_vfat {
+        Command::new(&mount)
+            .args(["-o", "loop,ro", "-t", "vfat"])
+            .arg(&img)
+            .arg(&mp)
+            .output()
+            .unwrap()
+    } else {
+        let Some([fusefat]) = tools(["fusefat"]) else {
+            return;
+        };
+        Command::new(fusefat)
+            .args(["-o", "ro"])
+            .arg(&img)
+            .arg(&mp)
+            .output()
+            .unwrap()
+    };
     if !out.status.success() {
-        println!(
-            "skipped: loop devices unavailable (mount -o loop,ro: {})",
+        kestrel_test_support::skip(format!(
+            "loop devices unavailable (mount -o loop,ro: {})",
             String::from_utf8_lossy(&out.stderr).trim()
-        );
+        ));
         drop(cleanup);
         fs::remove_dir_all(&dir).unwrap();
         return;
@@ -532,6 +605,8 @@ fn loop_mount_and_cloud_init_device_scan() {
     let names: BTreeSet<String> = fs::read_dir(&mp)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        // fusefat lists the volume label's entry as an empty file.
+        .filter(|n| kernel_vfat || n != "CIDATA")
         .collect();
     assert_eq!(
         names,
@@ -548,7 +623,7 @@ fn loop_mount_and_cloud_init_device_scan() {
     drop(cleanup);
 
     // 2. cloud-init finds the device by its label (blkid), mounts it itself and uses it.
-    let Some((python, harness)) = cloud_init_python(&dir) else {
+    let Some(ci) = cloud_init(&dir) else {
         fs::remove_dir_all(&dir).unwrap();
         return;
     };
@@ -563,7 +638,11 @@ fn loop_mount_and_cloud_init_device_scan() {
     };
     let work = dir.join("work");
     fs::create_dir_all(&work).unwrap();
-    let r = run_harness(&python, &harness, "device", &work);
+    let r = run_harness(
+        &ci,
+        if kernel_vfat { "device" } else { "device-fuse" },
+        &work,
+    );
     drop(cleanup);
     println!("device: {r:?}");
     assert_eq!(report(&r, "seed"), dev);

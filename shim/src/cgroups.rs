@@ -308,7 +308,7 @@ mod tests {
     #[test]
     fn the_process_joins_and_leaves() {
         if !nix::unistd::Uid::effective().is_root() || hierarchies().is_empty() {
-            println!("skipped: needs root and a cgroup hierarchy");
+            kestrel_test_support::skip("needs root and a cgroup hierarchy");
             return;
         }
         let path = format!("/kestrel-test-{}", std::process::id());

@@ -127,7 +127,7 @@ mod tests {
     #[tokio::test]
     async fn localhost_in_the_namespace_reaches_the_vms_forwarder() {
         if !nix::unistd::Uid::effective().is_root() {
-            println!("skipped: needs root (a network namespace)");
+            kestrel_test_support::skip("needs root (a network namespace)");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

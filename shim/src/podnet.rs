@@ -180,7 +180,7 @@ mod tests {
         if !nix::unistd::Uid::effective().is_root()
             || !std::path::Path::new("/dev/net/tun").exists()
         {
-            eprintln!("skipped: needs root and /dev/net/tun");
+            kestrel_test_support::skip("needs root and /dev/net/tun");
             return;
         }
         let name = format!("kpodnet{}", std::process::id());

@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn a_second_container_shares_the_image_and_writes_apart() {
         if !have_mke2fs() {
-            eprintln!("skipped: mke2fs (e2fsprogs) is not installed");
+            kestrel_test_support::skip("mke2fs (e2fsprogs) is not installed");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

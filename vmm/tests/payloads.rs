@@ -29,7 +29,7 @@ fn kvm_unavailable() -> Option<String> {
 macro_rules! require_kvm {
     () => {
         if let Some(why) = kvm_unavailable() {
-            println!("skipped: {why}");
+            kestrel_test_support::skip(why);
             return;
         }
     };

@@ -643,7 +643,7 @@ fn have_qemu_img() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("skipped: qemu-img not installed");
+        kestrel_test_support::skip("qemu-img not installed");
     }
     ok
 }

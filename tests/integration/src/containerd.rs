@@ -211,7 +211,7 @@ impl Builder {
         match self.start() {
             Ok(c) => Some(c),
             Err(StartError::NotInstalled(_)) => {
-                println!("skipped: containerd not installed");
+                kestrel_test_support::skip("containerd not installed");
                 None
             }
             Err(e) => panic!("cannot start the test containerd: {e}"),

@@ -26,7 +26,7 @@ pub struct Setup {
 pub fn setup(images: &[&Path]) -> Option<Setup> {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !containerd::installed() {
-        println!("skipped: containerd not installed");
+        kestrel_test_support::skip("containerd not installed");
         return None;
     }
     if let Err(e) = std::fs::OpenOptions::new()
@@ -34,7 +34,7 @@ pub fn setup(images: &[&Path]) -> Option<Setup> {
         .write(true)
         .open("/dev/kvm")
     {
-        println!("skipped: /dev/kvm not usable: {e}");
+        kestrel_test_support::skip(format!("/dev/kvm not usable: {e}"));
         return None;
     }
     let shim = crate::shim_binary().unwrap_or_else(|e| panic!("{e}"));

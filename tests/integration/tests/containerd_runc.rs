@@ -15,7 +15,7 @@ use kestrel_integration_tests::images::{self, BUSYBOX_IMAGE, VMDISK_IMAGE};
 fn containerd() -> Option<Containerd> {
     let c = Containerd::builder().start_or_skip()?;
     if which("runc").is_none() {
-        println!("skipped: runc not installed");
+        kestrel_test_support::skip("runc not installed");
         return None;
     }
     Some(c)

@@ -368,7 +368,7 @@ fn vm_image_overlays_are_private_keep_flushed_writes_and_survive_sigkill() {
         .write(true)
         .open("/dev/kvm")
     {
-        println!("skipped: /dev/kvm not usable: {e}");
+        kestrel_test_support::skip(format!("/dev/kvm not usable: {e}"));
         return;
     }
     let kestrel = kestrel_binary();

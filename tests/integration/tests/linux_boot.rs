@@ -42,7 +42,7 @@ fn boot_linux(kernel_name: &'static str, vcpus: u8, memory_mib: u64) -> Option<B
         .write(true)
         .open("/dev/kvm")
     {
-        println!("skipped: /dev/kvm not usable: {e}");
+        kestrel_test_support::skip(format!("/dev/kvm not usable: {e}"));
         return None;
     }
     let kernel =

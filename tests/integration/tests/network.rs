@@ -613,7 +613,7 @@ fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> u16 {
 #[test]
 fn tcp_udp_icmp_and_vsock_through_one_linux_boot() {
     if let Some(reason) = skip_reason() {
-        println!("skipped: {reason}");
+        kestrel_test_support::skip(reason);
         return;
     }
     let tcp_bytes = size_from_env("KESTREL_NET_TEST_TCP_BYTES", 2 << 20, 1 << 30);

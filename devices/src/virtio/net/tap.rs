@@ -424,7 +424,7 @@ mod tests {
         let ns = match TestNetns::new() {
             Ok(ns) => ns,
             Err(reason) => {
-                eprintln!("skipped: {reason}");
+                kestrel_test_support::skip(reason);
                 return;
             }
         };

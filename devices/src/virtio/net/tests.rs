@@ -731,7 +731,7 @@ fn real_tap_arp_round_trip() {
     let ns = match TestNetns::new() {
         Ok(ns) => ns,
         Err(reason) => {
-            eprintln!("skipped: {reason}");
+            kestrel_test_support::skip(reason);
             return;
         }
     };
