@@ -11,3 +11,15 @@ pub mod image;
 pub mod irq;
 pub mod legacy;
 pub mod virtio;
+
+/// An error and its causes on one line, outermost first (`what: why: why…`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -27,15 +27,6 @@ pub use devices::virtio::net::{DhcpConfig, MacAddr};
 pub use exit::VmExit;
 pub use vmm_thread::{ControlError, ControlSender, VmAction};
 
-/// An error and its causes on one line, outermost first (`what: why: why…`): how the CLI
-/// and the shim report errors.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// An error and its causes on one line (see [`devices::error_chain`]): how the CLI and
+/// the shim report errors.
+pub use devices::error_chain;

@@ -286,16 +286,7 @@ fn start_err(cfg: VmConfig) -> String {
             h.wait();
             panic!("the VM started");
         }
-        Err(e) => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(c) = src {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                src = c.source();
-            }
-            s
-        }
+        Err(e) => vmm::error_chain(&e),
     }
 }
 

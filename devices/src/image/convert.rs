@@ -199,18 +199,13 @@ fn prepare_output(output: &File, size: u64) -> Result<(), ConvertError> {
 }
 
 /// Refuses to start when the output's filesystem has less than `needed` bytes free.
-fn check_space(output: &File, needed: u64) -> Result<(), ConvertError> {
+pub(crate) fn check_space(output: &File, needed: u64) -> Result<(), ConvertError> {
     let st = rustix::fs::fstatvfs(output).map_err(|e| io_err("output")(e.into()))?;
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     if needed > free {
         return Err(ConvertError::NoSpace { needed, free });
     }
     Ok(())
-}
-
-#[cfg(test)]
-pub(crate) fn check_space_for_tests(output: &File, needed: u64) -> Result<(), ConvertError> {
-    check_space(output, needed)
 }
 
 /// One bit per cluster of the input file: set for the header, the L1 and refcount tables,

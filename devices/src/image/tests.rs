@@ -966,20 +966,9 @@ fn inputs_that_are_not_files_are_refused_without_blocking() {
             &mut |_, _| {},
         )
         .unwrap_err();
-        let msg = vmm_sys_util_chain(&err);
+        let msg = crate::error_chain(&err);
         assert!(msg.contains(kind), "{path:?}: {msg}");
     }
-}
-
-fn vmm_sys_util_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[test]
@@ -1003,7 +992,7 @@ fn a_full_filesystem_is_found_before_writing() {
     // Asking the check for more than any filesystem has.
     let w = Work::new();
     let out = File::create(w.path("out.raw")).unwrap();
-    let err = super::convert::check_space_for_tests(&out, u64::MAX).unwrap_err();
+    let err = super::convert::check_space(&out, u64::MAX).unwrap_err();
     assert!(matches!(err, ConvertError::NoSpace { .. }), "{err:?}");
     assert!(err.to_string().contains("bytes free"), "{err}");
 }
