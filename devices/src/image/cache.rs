@@ -170,8 +170,11 @@ impl ImageCache {
 
         let lock_path = self.root.join(format!("{stem}.lock"));
         let lock = lock_exclusive(&lock_path)?;
-        // Another caller may have finished while we waited.
+        // Another caller may have finished while we waited (we then hold a lock file made
+        // anew, which goes too).
         if let Some(found) = self.lookup(digest)? {
+            let _ = fs::remove_file(&lock_path);
+            drop(lock);
             return Ok(found);
         }
 
@@ -369,5 +372,11 @@ mod tests {
         assert_eq!(conversions, 1);
         assert!(results.iter().all(|r| r.path == results[0].path));
         assert_eq!(fs::read(&results[0].path).unwrap(), patterned(4 << 20));
+        // Neither the builder nor a waiter leaves a lock file.
+        let names: Vec<_> = fs::read_dir(cache.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
     }
 }
