@@ -7,6 +7,7 @@ pub const USAGE: &str = "usage:
               [--cpus N] [--memory MiB]
               [--image PATH[,overlay=FILE]] [--disk PATH[,ro][,serial=S][,overlay=FILE]]...
               [--net tap=NAME[,mac=MAC][,create]]... [--vsock cid=N,socket=PATH]
+              [--seccomp enforce|log|off]
       Boot a microVM: the console is this terminal, the exit status is the guest's.
       Defaults: the guest kernel and initramfs built by scripts/build-guest.sh,
       1 vCPU, 128 MiB.
@@ -19,6 +20,9 @@ pub const USAGE: &str = "usage:
                 with `create` (removed when the VM ends).
       --vsock   attach vsock: host clients connect to PATH and send CONNECT <port>;
                 guest connections to host port P reach PATH_P.
+      --seccomp the vCPU, VMM and disk threads' seccomp filters (default enforce, or
+                $KESTREL_SECCOMP): a forbidden call ends kestrel with status 159; `log`
+                lets it through and the kernel logs it.
   kestrel convert INPUT OUTPUT
       Convert a QCOW2 (or raw) image to a sparse raw file.
   kestrel version";
@@ -43,6 +47,8 @@ pub struct RunArgs {
     pub disks: Vec<DiskArg>,
     pub nets: Vec<NetArg>,
     pub vsock: Option<VsockArg>,
+    /// `--seccomp`; None: `KESTREL_SECCOMP` or enforce.
+    pub seccomp: Option<vmm::SeccompLevel>,
 }
 
 /// `--image PATH[,overlay=FILE]`
@@ -90,6 +96,7 @@ impl Default for RunArgs {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            seccomp: None,
         }
     }
 }
@@ -322,6 +329,13 @@ fn parse_run(argv: &[String]) -> Result<RunArgs, ArgsError> {
             "--disk" => a.disks.push(parse_disk(&value()?)?),
             "--net" => a.nets.push(parse_net(&value()?)?),
             "--vsock" => a.vsock = Some(parse_vsock(&value()?)?),
+            "--seccomp" => {
+                let v = value()?;
+                a.seccomp = Some(
+                    v.parse()
+                        .map_err(|_| bad("--seccomp", &v, "expected enforce, log or off"))?,
+                )
+            }
             "--help" | "-h" => return Err(ArgsError::UnknownOption(name.into())),
             other => return Err(ArgsError::UnknownOption(other.into())),
         }
@@ -377,6 +391,14 @@ mod tests {
             p("run --initrd x --no-initrd"),
             Err(ArgsError::InitrdConflict)
         );
+        assert_eq!(
+            p("run --seccomp strict").unwrap_err().to_string(),
+            "--seccomp \"strict\": expected enforce, log or off"
+        );
+        match p("run --seccomp=log") {
+            Ok(Command::Run(r)) => assert_eq!(r.seccomp, Some(vmm::SeccompLevel::Log)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

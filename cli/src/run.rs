@@ -30,6 +30,8 @@ pub enum RunError {
     Config(#[from] vmm::config::ConfigError),
     #[error(transparent)]
     Vm(#[from] vmm::BuildVmError),
+    #[error("bad {}", vmm::seccomp::ENV)]
+    Seccomp(#[source] vmm::seccomp::SeccompError),
 }
 
 /// Where the CLI keeps converted images: `$KESTREL_STATE_DIR` or `/var/lib/kestrel`, like
@@ -68,6 +70,10 @@ pub fn run_vm(run: RunArgs, start: Instant) -> Result<i32, RunError> {
     };
     let mut config = VmConfig::new(kernel);
     config.start_time = start;
+    config.seccomp = match run.seccomp {
+        Some(level) => level,
+        None => vmm::SeccompLevel::from_env().map_err(RunError::Seccomp)?,
+    };
     // The guest's RNG is seeded at boot.
     config.rng = true;
     config.vcpus = run.cpus;

@@ -10,6 +10,7 @@ pub mod disk;
 pub mod image;
 pub mod irq;
 pub mod legacy;
+pub mod thread;
 pub mod virtio;
 
 /// An error and its causes on one line, outermost first (`what: why: why…`).

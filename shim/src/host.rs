@@ -136,6 +136,42 @@ pub fn run_dir(namespace: &str, shim_id: &str) -> PathBuf {
     Path::new(RUN_DIR).join(hex)
 }
 
+/// What would refuse a lone container's VM, checked before its rootfs is built: the
+/// spec's sizes and annotations against this host, the guest kernel and initramfs, the
+/// seccomp level.
+fn check_container_vm(spec: &oci_spec::runtime::Spec) -> Result<(), GuestError> {
+    let vm = spec::container_vm(spec)
+        .map_err(|e| GuestError::host("size the VM from the spec", Code::INVALID_ARGUMENT, e))?;
+    let asset = |name| {
+        vmm::assets::default_asset(name).map_err(|e| {
+            GuestError::host(
+                "find the guest kernel and initramfs",
+                Code::FAILED_PRECONDITION,
+                e,
+            )
+        })
+    };
+    let (kernel, initrd) = (asset(vmm::assets::KERNEL)?, asset(vmm::assets::INITRD)?);
+    vmm::config::check_host(u64::from(vm.cpus), vm.memory_mib, &kernel, Some(&initrd))
+        .map_err(|e| GuestError::host("size the VM", Code::INVALID_ARGUMENT, e))?;
+    seccomp_level()?;
+    Ok(())
+}
+
+/// The seccomp level of the VMs this shim starts (`KESTREL_SECCOMP`).
+pub fn seccomp_level() -> Result<vmm::SeccompLevel, GuestError> {
+    vmm::SeccompLevel::from_env().map_err(|e| {
+        GuestError::host(
+            format!(
+                "confine the VM ({} in the shim's environment)",
+                vmm::seccomp::ENV
+            ),
+            Code::FAILED_PRECONDITION,
+            e,
+        )
+    })
+}
+
 /// Logs how long a phase of a task took, as `timing: task=<id> <phase>_ms=<ms>` (the
 /// `ctr-container` bench reads these lines from containerd's log).
 pub fn log_timing(id: &str, phase: &str, since: Instant) {
@@ -319,30 +355,37 @@ impl Host {
                     vm_image::prepare_task(&dirs, &ns, &c2, &disk, pod.as_ref(), &limits)
                         .map(Prepared::VmImage)
                 }
-                Err(ImageError::NoDisk) => volumes::open_block_devices(&c2.spec)
-                    .map_err(|e| {
+                // A lone container boots a VM of its own: what would refuse it is checked
+                // before its rootfs is built.
+                Err(ImageError::NoDisk) => (if pod.is_none() {
+                    check_container_vm(&c2.spec)
+                } else {
+                    Ok(())
+                })
+                .and_then(|()| {
+                    volumes::open_block_devices(&c2.spec).map_err(|e| {
                         GuestError::host(
                             "open the spec's block devices",
                             Code::FAILED_PRECONDITION,
                             e,
                         )
                     })
-                    .and_then(|blocks| {
-                        let root = rootfs::prepare(&dirs, &c2.rootfs, &tree, &ns, &c2.id).map_err(
-                            |e| {
-                                GuestError::host(
-                                    "prepare the container's root file system",
-                                    Code::INTERNAL,
-                                    e,
-                                )
-                            },
-                        )?;
-                        Ok(Prepared::Container(ContainerParts {
-                            root,
-                            copies: volumes::copy_bind_sources(&c2.spec),
-                            blocks,
-                        }))
-                    }),
+                })
+                .and_then(|blocks| {
+                    let root =
+                        rootfs::prepare(&dirs, &c2.rootfs, &tree, &ns, &c2.id).map_err(|e| {
+                            GuestError::host(
+                                "prepare the container's root file system",
+                                Code::INTERNAL,
+                                e,
+                            )
+                        })?;
+                    Ok(Prepared::Container(ContainerParts {
+                        root,
+                        copies: volumes::copy_bind_sources(&c2.spec),
+                        blocks,
+                    }))
+                }),
                 Err(e) => Err(GuestError::host("read the image", e.code(), e)),
             };
             if mounted {

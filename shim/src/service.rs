@@ -14,7 +14,7 @@ use containerd_shim::{Config, DeleteResponse, Flags, StartOpts};
 use crate::events;
 use crate::host::Host;
 use crate::model::Model;
-use crate::task::{cleanup_after_shim, TaskService};
+use crate::task::{cleanup_after_shim, dead_shim_status, report_forbidden_calls, TaskService};
 use crate::vm_image::StateDirs;
 
 pub struct Service {
@@ -22,6 +22,22 @@ pub struct Service {
     id: String,
     bundle: PathBuf,
     exit: Arc<ExitSignal>,
+}
+
+impl Service {
+    /// The id of the shim process serving this task. One shim process (and so one VM) per
+    /// lone task or per pod: a pod's containers are grouped under its sandbox id, so
+    /// containerd 1.6/1.7's `start` for each of them finds the pod's shim listening and gets
+    /// its address (2.x skips `start` for them).
+    fn grouping(&self) -> String {
+        match oci_spec::runtime::Spec::load(self.bundle.join("config.json")) {
+            Ok(spec) => crate::spec::grouping(&spec, &self.id),
+            Err(e) => {
+                log::warn!("cannot read {}/config.json: {e}", self.bundle.display());
+                self.id.clone()
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -34,6 +50,9 @@ impl Shim for Service {
         if args.action.is_empty() && !args.socket.is_empty() {
             if let Err(e) = crate::logger::LineLogger::install(args.debug) {
                 eprintln!("kestrel shim: cannot open the log FIFO: {e}");
+            }
+            if let Err(e) = report_forbidden_calls(&args.namespace, &args.id) {
+                log::warn!("a forbidden system call would be reported in stderr only: {e}");
             }
         }
         Service {
@@ -49,21 +68,17 @@ impl Shim for Service {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // One shim process (and so one VM) per lone task or per pod: a pod's containers
-        // are grouped under its sandbox id, so containerd 1.6/1.7's `start` for each of them
-        // finds the pod's shim listening and gets its address (2.x skips `start` for them).
-        let grouping = match oci_spec::runtime::Spec::load(self.bundle.join("config.json")) {
-            Ok(spec) => crate::spec::grouping(&spec, &self.id),
-            Err(e) => {
-                log::warn!("cannot read {}/config.json: {e}", self.bundle.display());
-                self.id.clone()
-            }
-        };
-        let address = spawn(opts, &grouping, Vec::new()).await?;
+        let address = spawn(opts, &self.grouping(), Vec::new()).await?;
         Ok(address)
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let (exit_status, report) =
+            dead_shim_status(&crate::host::run_dir(&self.namespace, &self.grouping()));
+        if let Some(report) = report {
+            // containerd logs what `delete` writes to stderr ("cleanup warnings").
+            eprintln!("{report}");
+        }
         cleanup_after_shim(
             &StateDirs::from_env(),
             &self.namespace,
@@ -72,7 +87,7 @@ impl Shim for Service {
         );
         Ok(DeleteResponse {
             pid: 0,
-            exit_status: 128 + libc::SIGKILL as u32,
+            exit_status,
             exited_at: Some(timestamp()?).into(),
             ..Default::default()
         })

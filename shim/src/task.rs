@@ -200,6 +200,39 @@ impl Task for TaskService {
     }
 }
 
+/// Where the serving shim's SIGSYS handler writes which forbidden call ended it (see
+/// `vmm::seccomp`), for the `delete` action to report once the shim is gone.
+fn seccomp_report(run_dir: &Path) -> PathBuf {
+    run_dir.join("seccomp-report")
+}
+
+/// Gives the SIGSYS handler of the serving shim `shim_id` its places to report: the log
+/// FIFO (containerd's log) and the report file in the run directory. The fds stay open
+/// for the process's life.
+pub fn report_forbidden_calls(namespace: &str, shim_id: &str) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let run = host::run_dir(namespace, shim_id);
+    std::fs::create_dir_all(&run)?;
+    let report = std::fs::File::create(seccomp_report(&run))?;
+    vmm::seccomp::report_to(report.into_raw_fd());
+    let fifo = std::fs::OpenOptions::new().write(true).open("log")?;
+    vmm::seccomp::report_to(fifo.into_raw_fd());
+    Ok(())
+}
+
+/// The exit status `delete` reports for a task whose shim is gone, and why: 128 + SIGSYS
+/// with the handler's report when the shim ended on a forbidden call, else 128 + SIGKILL
+/// (a shim killed from outside).
+pub fn dead_shim_status(run_dir: &Path) -> (u32, Option<String>) {
+    match std::fs::read_to_string(seccomp_report(run_dir)) {
+        Ok(report) if !report.trim().is_empty() => (
+            vmm::seccomp::EXIT_STATUS as u32,
+            Some(report.trim_end().to_string()),
+        ),
+        _ => (128 + libc::SIGKILL as u32, None),
+    }
+}
+
 /// Cleanup for the `delete` action: the shim may be gone (even killed), so everything is
 /// found from the namespace and id. Idempotent.
 pub fn cleanup_after_shim(dirs: &StateDirs, namespace: &str, id: &str, bundle: &Path) {
@@ -213,5 +246,26 @@ pub fn cleanup_after_shim(dirs: &StateDirs, namespace: &str, id: &str, bundle: &
     let rootfs = bundle.join("rootfs");
     if let Err(e) = containerd_shim::mount::umount_recursive(rootfs.to_str(), 0) {
         log::debug!("unmounting {}: {e}", rootfs.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_shim_reports_sigsys_and_the_call_when_its_handler_left_a_report() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(dead_shim_status(dir.path()), (137, None));
+        // The serving shim creates the report file empty at start.
+        std::fs::write(seccomp_report(dir.path()), "").unwrap();
+        assert_eq!(dead_shim_status(dir.path()), (137, None));
+        let line = "kestrel: seccomp: the vCPU 0 thread made a forbidden system call: \
+                    socket (41); the VMM stops (exit status 159)\n";
+        std::fs::write(seccomp_report(dir.path()), line).unwrap();
+        assert_eq!(
+            dead_shim_status(dir.path()),
+            (159, Some(line.trim_end().to_string()))
+        );
     }
 }

@@ -73,6 +73,15 @@ pub enum ImageError {
     NoDisk,
     #[error("the image has several disks in /{DISK_DIR} ({0}); kestrel boots exactly one")]
     SeveralDisks(String),
+    #[error("the image's /{DISK_DIR} is {0}, not a directory (the containerDisk layout)")]
+    DiskDirNotADirectory(&'static str),
+    #[error("the image's /{DISK_DIR}/{name} is {kind}, not a regular disk image file")]
+    NotAFile { name: String, kind: &'static str },
+    #[error(
+        "the image's /{DISK_DIR}/{name} is a {format} disk; kestrel boots QCOW2 and raw disks \
+         (*.qcow2, *.raw, *.img): convert it with `qemu-img convert -O qcow2`"
+    )]
+    UnsupportedFormat { name: String, format: &'static str },
     #[error("cannot read {0}")]
     Read(PathBuf, #[source] io::Error),
     #[error("cannot prepare the VM disk")]
@@ -83,7 +92,11 @@ impl ImageError {
     /// True when the image itself is at fault (containerd gets FailedPrecondition).
     pub fn is_user_error(&self) -> bool {
         match self {
-            ImageError::NoDisk | ImageError::SeveralDisks(_) => true,
+            ImageError::NoDisk
+            | ImageError::SeveralDisks(_)
+            | ImageError::DiskDirNotADirectory(_)
+            | ImageError::NotAFile { .. }
+            | ImageError::UnsupportedFormat { .. } => true,
             ImageError::Disk(d) => d.is_user_error(),
             ImageError::Read(..) => false,
         }
@@ -111,21 +124,75 @@ impl ImageError {
     }
 }
 
-/// Finds the one disk of a containerDisk rootfs.
+/// Disk formats kestrel does not boot, by file extension, with their names.
+const OTHER_DISK_FORMATS: [(&str, &str); 7] = [
+    ("vmdk", "VMDK"),
+    ("vdi", "VDI"),
+    ("vhd", "VHD"),
+    ("vhdx", "VHDX"),
+    ("qed", "QED"),
+    ("qcow", "QCOW version 1"),
+    ("iso", "ISO 9660 (CD-ROM)"),
+];
+
+/// What a directory entry is, for messages (symbolic links are not followed).
+fn kind_of(t: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "a regular file"
+    }
+}
+
+/// Finds the one disk of a containerDisk rootfs. Symbolic links are never followed: an
+/// image's `/disk` or `/disk/x.qcow2` pointing at `/etc/shadow` or `/dev/sda` would
+/// otherwise resolve on the host, not in the image.
 pub fn find_disk(rootfs: &Path) -> Result<PathBuf, ImageError> {
     let dir = rootfs.join(DISK_DIR);
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
+    match fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(m) => return Err(ImageError::DiskDirNotADirectory(kind_of(m.file_type()))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ImageError::NoDisk),
         Err(e) => return Err(ImageError::Read(dir, e)),
-    };
+    }
+    let entries = fs::read_dir(&dir).map_err(|e| ImageError::Read(dir.clone(), e))?;
     let mut disks: Vec<PathBuf> = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| ImageError::Read(dir.clone(), e))?.path();
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if DISK_EXTENSIONS.contains(&ext) && path.is_file() {
-            disks.push(path);
+        let entry = entry.map_err(|e| ImageError::Read(dir.clone(), e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if let Some((_, format)) = OTHER_DISK_FORMATS.iter().find(|(e, _)| *e == ext) {
+            return Err(ImageError::UnsupportedFormat { name, format });
         }
+        if !DISK_EXTENSIONS.contains(&ext.as_str()) {
+            continue;
+        }
+        let t = entry
+            .file_type()
+            .map_err(|e| ImageError::Read(path.clone(), e))?;
+        if !t.is_file() {
+            return Err(ImageError::NotAFile {
+                name,
+                kind: kind_of(t),
+            });
+        }
+        disks.push(path);
     }
     disks.sort();
     match disks.len() {
@@ -246,6 +313,7 @@ pub fn prepare_task(
         .map_err(|e| GuestError::host("find the guest kernel", Code::FAILED_PRECONDITION, e))?;
     vmm::config::check_host(u64::from(vm.cpus), vm.memory_mib, &kernel, None)
         .map_err(|e| GuestError::host("size the VM", Code::INVALID_ARGUMENT, e))?;
+    let seccomp = crate::host::seccomp_level()?;
     let prepared = prepare(dirs, disk, ns, &c.id, limits)
         .map_err(|e| GuestError::host("prepare the VM image", e.code(), e))?;
 
@@ -281,6 +349,7 @@ pub fn prepare_task(
         .map_err(|e| host_err(format!("open stdin {}", c.stdio.stdin))(Box::new(e)))?;
 
     let mut config = VmConfig::new(kernel);
+    config.seccomp = seccomp;
     config.rng = true;
     config.initrd = None;
     config.cmdline = kernel_cmdline(&vm, &prepared.root_device);
@@ -454,6 +523,46 @@ mod tests {
         let err = find_disk(dir.path()).unwrap_err();
         assert!(err.to_string().contains("other.raw, vm.qcow2"), "{err}");
         assert!(err.is_user_error());
+    }
+
+    #[test]
+    fn a_disk_that_is_not_a_regular_file_or_not_a_format_we_boot_is_refused() {
+        let case = |setup: &dyn Fn(&Path)| {
+            let dir = tempfile::tempdir().unwrap();
+            setup(dir.path());
+            let err = find_disk(dir.path()).unwrap_err();
+            assert_eq!(err.code(), Code::FAILED_PRECONDITION, "{err}");
+            err.to_string()
+        };
+        let disk = |root: &Path| {
+            fs::create_dir(root.join("disk")).unwrap();
+            root.join("disk/disk.qcow2")
+        };
+        assert_eq!(
+            case(&|r| fs::create_dir(disk(r)).unwrap()),
+            "the image's /disk/disk.qcow2 is a directory, not a regular disk image file"
+        );
+        assert!(case(&|r| {
+            let p = disk(r);
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: mkfifo with a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        })
+        .contains("/disk/disk.qcow2 is a FIFO"));
+        // A link to a host file is never followed.
+        assert!(
+            case(&|r| std::os::unix::fs::symlink("/etc/passwd", disk(r)).unwrap())
+                .contains("/disk/disk.qcow2 is a symbolic link")
+        );
+        assert!(
+            case(&|r| std::os::unix::fs::symlink("/var/lib", r.join("disk")).unwrap())
+                .contains("/disk is a symbolic link, not a directory")
+        );
+        assert!(case(&|r| {
+            disk(r);
+            fs::write(r.join("disk/win.VMDK"), b"x").unwrap();
+        })
+        .contains("/disk/win.VMDK is a VMDK disk; kestrel boots QCOW2 and raw"));
     }
 
     #[test]

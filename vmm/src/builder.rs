@@ -20,6 +20,7 @@ use crate::arch::{cpuid, layout, regs};
 use crate::config::{self, ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceMetrics};
 use crate::exit::{ExitState, VmExit};
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vmm_thread::{self, ControlSender, Manager, VmmThread};
 use crate::vstate::vcpu::{self, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -46,7 +47,9 @@ pub enum BuildVmError {
     #[error("cannot place a device on the bus")]
     Bus(#[source] BusError),
     #[error("cannot start the VMM thread")]
-    VmmThread(#[source] std::io::Error),
+    VmmThread(#[source] devices::thread::SpawnError<SeccompError>),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// A running VM.
@@ -94,6 +97,8 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
         &config.kernel,
         config.initrd.as_deref(),
     )?;
+    // Compiled before anything is allocated: a VM is never started unconfined by mistake.
+    let filters = Filters::new(config.seccomp)?;
     let vm = Vm::new(&layout::ram_regions(mem_size))?;
     config::validate(
         u64::from(config.vcpus),
@@ -176,7 +181,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     // virtio devices, announced on the kernel command line.
     let mut device_manager = DeviceManager::default();
     for disk in std::mem::take(&mut config.disks) {
-        device_manager.add_block(&vm, &mut mmio, disk)?;
+        device_manager.add_block(&vm, &mut mmio, disk, &filters)?;
     }
     for net in std::mem::take(&mut config.nets) {
         device_manager.add_net(&vm, &mut mmio, &mut manager, net)?;
@@ -228,10 +233,35 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
     .map_err(|e| BuildVmError::Device("control channel", e))?;
 
     vcpu::install_kick_handler()?;
+    // The VMM thread first (confined, before the guest runs), then the vCPUs, whose
+    // threads it gets once they all run; if one cannot start, the VMM thread gets none
+    // and ends with the exit requested here.
+    let (vcpus_tx, vcpus_rx) = mpsc::channel();
+    let vmm = VmmThread {
+        manager,
+        exit: exit.clone(),
+        vcpus: vcpus_rx,
+        block_threads: device_manager.take_block_threads(),
+        on_exit: config.on_exit.take(),
+    };
+    // The VM (KVM fds, guest memory) lives as long as the VMM thread.
+    let (exited_tx, exited) = mpsc::channel();
+    let confine = filters.confine(ThreadKind::Vmm, 0);
+    devices::thread::spawn_confined(
+        thread::Builder::new().name("vmm".into()),
+        confine,
+        move || {
+            let reason = vmm.run();
+            let _ = exited_tx.send(reason);
+            // After reporting: destroying the KVM VM takes the kernel milliseconds.
+            drop(vm);
+        },
+    )
+    .map_err(BuildVmError::VmmThread)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let mut threads = Vec::with_capacity(vcpus.len());
     for v in vcpus {
-        match v.start(pio.clone(), mmio.clone(), exit.clone()) {
+        match v.start(pio.clone(), mmio.clone(), exit.clone(), &filters) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 exit.request(VmExit::Stopped);
@@ -241,24 +271,7 @@ pub fn start_vm(mut config: VmConfig) -> Result<VmmHandle, BuildVmError> {
             }
         }
     }
-    let vmm = VmmThread {
-        manager,
-        exit: exit.clone(),
-        vcpus: threads,
-        block_threads: device_manager.take_block_threads(),
-        on_exit: config.on_exit.take(),
-    };
-    // The VM (KVM fds, guest memory) lives as long as the VMM thread.
-    let (exited_tx, exited) = mpsc::channel();
-    thread::Builder::new()
-        .name("vmm".into())
-        .spawn(move || {
-            let reason = vmm.run();
-            let _ = exited_tx.send(reason);
-            // After reporting: destroying the KVM VM takes the kernel milliseconds.
-            drop(vm);
-        })
-        .map_err(BuildVmError::VmmThread)?;
+    let _ = vcpus_tx.send(threads);
     Ok(VmmHandle {
         exited,
         control,

@@ -51,10 +51,15 @@ pub struct VmConfig {
     pub console_in: Option<File>,
     /// When the VMM process started: the boot timer reports guest boot relative to it.
     pub start_time: Instant,
-    /// Called once, on a vCPU thread, when the guest signals the boot timer.
+    /// Called once, on a vCPU thread, when the guest signals the boot timer (under the
+    /// vCPU thread's seccomp filter, as `on_exit`).
     pub on_boot: Option<OnBoot>,
     /// Called once, on the VMM thread, when the VM has stopped and its vCPUs are joined.
+    /// Runs under the VMM thread's seccomp filter: it may wake another thread (a channel,
+    /// an eventfd), not open files or spawn processes.
     pub on_exit: Option<OnExit>,
+    /// How the threads serving the guest are confined (see [`crate::seccomp`]).
+    pub seccomp: crate::seccomp::SeccompLevel,
 }
 
 impl VmConfig {
@@ -75,6 +80,7 @@ impl VmConfig {
             start_time: Instant::now(),
             on_boot: None,
             on_exit: None,
+            seccomp: crate::seccomp::SeccompLevel::default(),
         }
     }
 }

@@ -23,6 +23,7 @@ use event_manager::SubscriberOps;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::{IRQ_MAX, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
+use crate::seccomp::{Filters, ThreadKind};
 use crate::vmm_thread::Manager;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -98,7 +99,7 @@ pub enum DeviceError {
     BlockThread {
         index: usize,
         #[source]
-        source: std::io::Error,
+        source: devices::thread::SpawnError<std::io::Error>,
     },
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -141,6 +142,7 @@ impl DeviceManager {
         vm: &Vm,
         mmio: &mut Bus,
         disk: DiskConfig,
+        filters: &Filters,
     ) -> Result<(), DeviceError> {
         let index = self.block_metrics.len();
         let block = Block::new(disk.backend, disk.serial.as_deref())
@@ -149,8 +151,11 @@ impl DeviceManager {
         let block = Arc::new(Mutex::new(block));
         self.blocks.push(block.clone());
         self.add_virtio(vm, mmio, block.clone())?;
-        let thread = DeviceThread::spawn(format!("kestrel-blk{index}"), block)
-            .map_err(|source| DeviceError::BlockThread { index, source })?;
+        let confine = filters.confine(ThreadKind::Device, index as u16);
+        let thread = DeviceThread::spawn(format!("kestrel-blk{index}"), block, move || {
+            confine().map_err(std::io::Error::other)
+        })
+        .map_err(|source| DeviceError::BlockThread { index, source })?;
         self.block_threads.push(thread);
         Ok(())
     }

@@ -245,7 +245,8 @@ impl MutEventSubscriber for ConsoleInput {
 pub(crate) struct VmmThread {
     pub manager: Manager,
     pub exit: Arc<ExitState>,
-    pub vcpus: Vec<VcpuThread>,
+    /// The vCPU threads, sent once they all run (nothing if one could not start).
+    pub vcpus: Receiver<Vec<VcpuThread>>,
     /// The disks' device threads (see `devices::virtio::worker`).
     pub block_threads: Vec<devices::virtio::worker::DeviceThread>,
     pub on_exit: Option<crate::config::OnExit>,
@@ -305,6 +306,7 @@ impl VmmThread {
                 exit.request(VmExit::Crashed(format!("the VMM event loop failed: {e}")));
             }
         }
+        let vcpus = vcpus.recv().unwrap_or_default();
         for v in &vcpus {
             v.kick();
         }

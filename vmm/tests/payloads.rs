@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::disk::{check_range, DiskBackend, DiskError, IoBufs};
-use vmm::{start_vm, BuildVmError, DiskConfig, VmAction, VmConfig, VmExit};
+use vmm::{start_vm, DiskConfig, VmAction, VmConfig, VmExit};
 
 fn kvm_unavailable() -> Option<String> {
     match std::fs::OpenOptions::new()
@@ -333,7 +333,6 @@ fn bad_input_is_refused_with_what_and_where() {
     c.initrd = Some(big);
     c.memory_mib = 32;
     assert!(start_err(c).contains("does not fit in guest memory"));
-    let _ = BuildVmError::VmmThread(io::Error::other("unused"));
 }
 
 /// An in-memory disk for wiring tests.

@@ -51,7 +51,8 @@
 //! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
 //! // 6. the device's event subscriber (registers `activate_evt` in `init`), on a thread
 //! //    of its own (net, vsock, rng: `event_manager.add_subscriber(dev)` on the VMM thread)
-//! let thread = DeviceThread::spawn("kestrel-blk0".into(), block.clone())?; // joined on drop
+//! //    (`confine` runs first on that thread: the VMM installs its seccomp filter there)
+//! let thread = DeviceThread::spawn("kestrel-blk0".into(), block.clone(), confine)?; // joined on drop
 //! // 7. kernel command line
 //! cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
 //! // metrics at any time, without the device lock: block.lock()?.metrics() -> Arc<BlockMetrics>

@@ -172,9 +172,12 @@ impl TestVmm {
     ) -> (Slot, crate::virtio::worker::DeviceThread) {
         let block = Arc::new(Mutex::new(block));
         let (transport, irq) = self.add_transport(block.clone(), base);
-        let thread =
-            crate::virtio::worker::DeviceThread::spawn(format!("test-blk{base:x}"), block.clone())
-                .unwrap();
+        let thread = crate::virtio::worker::DeviceThread::spawn(
+            format!("test-blk{base:x}"),
+            block.clone(),
+            || Ok(()),
+        )
+        .unwrap();
         (
             Slot {
                 transport,

@@ -20,6 +20,8 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::thread::{spawn_confined, SpawnError};
+
 /// Stack of a device thread: its loop, a request's parse and a syscall.
 const STACK_SIZE: usize = 256 << 10;
 
@@ -50,29 +52,34 @@ impl MutEventSubscriber for StopWatch {
 }
 
 impl DeviceThread {
-    /// Runs `device`'s subscriber on a new thread called `name`.
-    pub fn spawn(name: String, device: Subscriber) -> io::Result<DeviceThread> {
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    /// Runs `device`'s subscriber on a new thread called `name`, after `confine` has run
+    /// on it (see [`crate::thread::spawn_confined`]).
+    pub fn spawn(
+        name: String,
+        device: Subscriber,
+        confine: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) -> Result<DeviceThread, SpawnError<io::Error>> {
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(SpawnError::Spawn)?);
         let stopped = Arc::new(AtomicBool::new(false));
         let mut manager: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| io::Error::other(e.to_string()))?;
+            EventManager::new().map_err(|e| SpawnError::Spawn(io::Error::other(e.to_string())))?;
         manager.add_subscriber(device);
         manager.add_subscriber(Arc::new(Mutex::new(StopWatch {
             evt: stop.clone(),
             stopped: stopped.clone(),
         })));
         let thread_name = name.clone();
-        let handle = std::thread::Builder::new()
+        let builder = std::thread::Builder::new()
             .name(name)
-            .stack_size(STACK_SIZE)
-            .spawn(move || {
-                while !stopped.load(Ordering::SeqCst) {
-                    if let Err(e) = manager.run() {
-                        log::error!("{thread_name}: event loop failed, the device stops: {e}");
-                        return;
-                    }
+            .stack_size(STACK_SIZE);
+        let handle = spawn_confined(builder, confine, move || {
+            while !stopped.load(Ordering::SeqCst) {
+                if let Err(e) = manager.run() {
+                    log::error!("{thread_name}: event loop failed, the device stops: {e}");
+                    return;
                 }
-            })?;
+            }
+        })?;
         Ok(DeviceThread {
             stop,
             handle: Some(handle),

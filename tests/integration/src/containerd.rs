@@ -686,6 +686,53 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Sends SIGKILL to `pid` (for tests that kill a shim) and waits up to 5 s until it is gone.
+/// Each thread of process `pid`: its name and its seccomp mode (`Seccomp:` in its status:
+/// 0 none, 2 filtered).
+pub fn thread_seccomp(pid: u32) -> Vec<(String, u32)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut threads: Vec<(String, u32)> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| {
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            (
+                field("Name:"),
+                field("Seccomp:").parse().unwrap_or(u32::MAX),
+            )
+        })
+        .collect();
+    threads.sort();
+    threads
+}
+
+/// Asserts that the threads serving the guest in process `pid` (`vcpu*`, `vmm`,
+/// `kestrel-blk*`) are under a seccomp filter and the shim's own threads are not (KVM's
+/// own kernel threads, `kvm-*`, inherit the vCPU thread's filter and are not ours).
+pub fn assert_guest_threads_confined(pid: u32) {
+    let threads: Vec<_> = thread_seccomp(pid)
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("kvm-"))
+        .collect();
+    let serving = |n: &str| n.starts_with("vcpu") || n == "vmm" || n.starts_with("kestrel-blk");
+    assert!(
+        threads.iter().any(|(n, _)| n.starts_with("vcpu"))
+            && threads.iter().any(|(n, _)| n == "vmm"),
+        "no vCPU or VMM thread in {pid}: {threads:?}"
+    );
+    for (name, mode) in &threads {
+        let expected = if serving(name) { 2 } else { 0 };
+        assert_eq!(*mode, expected, "thread {name} of {pid}: {threads:?}");
+    }
+}
+
 pub fn kill9(pid: u32) -> bool {
     signal(pid, libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -541,6 +541,7 @@ fn container_shim_killed_is_cleaned_up() {
     let shim = c
         .kestrel_shim_pid(&id)
         .unwrap_or_else(|| panic!("no shim for {id} among {:?}", c.shim_processes()));
+    containerd::assert_guest_threads_confined(shim);
     assert!(containerd::kill9(shim), "shim {shim} survived SIGKILL");
     assert!(
         c.wait_task_stopped(&id, CALL_TIMEOUT),

@@ -157,6 +157,7 @@ fn vm_image_two_tasks_kill_and_shim_sigkill() {
             c.shim_processes()
         )
     });
+    containerd::assert_guest_threads_confined(shim);
     assert!(containerd::kill9(shim), "shim {shim} survived SIGKILL");
     assert!(
         c.wait_task_stopped(&b, SHUTDOWN_TIMEOUT),

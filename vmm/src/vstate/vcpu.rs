@@ -19,7 +19,9 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::regs::{self, EntryProtocol};
 use crate::exit::{ExitState, VmExit};
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use devices::bus::Bus;
+use devices::thread::{spawn_confined, SpawnError};
 
 /// Errors configuring or starting a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,7 @@ pub enum VcpuError {
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("cannot start the thread of vCPU {0}")]
-    Spawn(u8, #[source] std::io::Error),
+    Spawn(u8, #[source] SpawnError<SeccompError>),
 }
 
 /// The real-time signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -159,18 +161,20 @@ impl Vcpu {
             .map_err(self.kvm_err("set the LAPIC"))
     }
 
-    /// Starts the vCPU on its own thread.
+    /// Starts the vCPU on its own thread, confined by `filters` before its first `KVM_RUN`.
     pub fn start(
         self,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: Arc<ExitState>,
+        filters: &Filters,
     ) -> Result<VcpuThread, VcpuError> {
         let id = self.id;
-        let handle = thread::Builder::new()
+        let builder = thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .stack_size(256 << 10)
-            .spawn(move || self.run_loop(&pio, &mmio, &exit))
+            .stack_size(256 << 10);
+        let confine = filters.confine(ThreadKind::Vcpu, u16::from(id));
+        let handle = spawn_confined(builder, confine, move || self.run_loop(&pio, &mmio, &exit))
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuThread { handle })
     }
