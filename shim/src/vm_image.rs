@@ -16,6 +16,7 @@ use std::time::Duration;
 use containerd_shim::protos::ttrpc::Code;
 use devices::disk::raw::RawFile;
 use devices::image::convert::Limits;
+use devices::image::file_kind;
 use devices::image::vm_disk::{self, ExistingOverlay, ImageDirs, PreparedDisk, VmDiskError};
 use tokio::sync::{oneshot, watch};
 use vmm::{ControlSender, DiskConfig, VmAction, VmConfig, VmExit};
@@ -73,9 +74,9 @@ pub enum ImageError {
     NoDisk,
     #[error("the image has several disks in /{DISK_DIR} ({0}); kestrel boots exactly one")]
     SeveralDisks(String),
-    #[error("the image's /{DISK_DIR} is {0}, not a directory (the containerDisk layout)")]
+    #[error("the image's /{DISK_DIR} is a {0}, not a directory (the containerDisk layout)")]
     DiskDirNotADirectory(&'static str),
-    #[error("the image's /{DISK_DIR}/{name} is {kind}, not a regular disk image file")]
+    #[error("the image's /{DISK_DIR}/{name} is a {kind}, not a regular disk image file")]
     NotAFile { name: String, kind: &'static str },
     #[error(
         "the image's /{DISK_DIR}/{name} is a {format} disk; kestrel boots QCOW2 and raw disks \
@@ -135,26 +136,6 @@ const OTHER_DISK_FORMATS: [(&str, &str); 7] = [
     ("iso", "ISO 9660 (CD-ROM)"),
 ];
 
-/// What a directory entry is, for messages (symbolic links are not followed).
-fn kind_of(t: fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_char_device() {
-        "a character device"
-    } else {
-        "a regular file"
-    }
-}
-
 /// Finds the one disk of a containerDisk rootfs. Symbolic links are never followed: an
 /// image's `/disk` or `/disk/x.qcow2` pointing at `/etc/shadow` or `/dev/sda` would
 /// otherwise resolve on the host, not in the image.
@@ -162,7 +143,7 @@ pub fn find_disk(rootfs: &Path) -> Result<PathBuf, ImageError> {
     let dir = rootfs.join(DISK_DIR);
     match fs::symlink_metadata(&dir) {
         Ok(m) if m.is_dir() => {}
-        Ok(m) => return Err(ImageError::DiskDirNotADirectory(kind_of(m.file_type()))),
+        Ok(m) => return Err(ImageError::DiskDirNotADirectory(file_kind(m.file_type()))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ImageError::NoDisk),
         Err(e) => return Err(ImageError::Read(dir, e)),
     }
@@ -189,7 +170,7 @@ pub fn find_disk(rootfs: &Path) -> Result<PathBuf, ImageError> {
         if !t.is_file() {
             return Err(ImageError::NotAFile {
                 name,
-                kind: kind_of(t),
+                kind: file_kind(t),
             });
         }
         disks.push(path);

@@ -13,10 +13,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use devices::disk::raw::RawFile;
@@ -87,28 +87,9 @@ fn counter() -> &'static Counter {
     })
 }
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        let mut v = self.0.lock().unwrap();
-        // Random port writes reach COM1 too: keep the head only.
-        if v.len() < 1 << 16 {
-            v.extend_from_slice(b);
-        }
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
+#[path = "payloads/console.rs"]
+mod console;
+use console::Console;
 
 static TAPS: AtomicU64 = AtomicU64::new(0);
 

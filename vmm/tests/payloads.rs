@@ -6,10 +6,9 @@
 // Test code: a failed setup step should panic with its cause.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use devices::disk::{check_range, DiskBackend, DiskError, IoBufs};
@@ -43,24 +42,9 @@ fn payload_dir() -> PathBuf {
     assemble::out_dir()
 }
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
+#[path = "payloads/console.rs"]
+mod console;
+use console::Console;
 
 struct Outcome {
     exit: VmExit,

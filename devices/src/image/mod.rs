@@ -73,10 +73,12 @@ pub fn open_input(path: &std::path::Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// What kind of file an input that is not an image is.
-fn file_kind(ft: std::fs::FileType) -> &'static str {
+/// What kind of file `ft` is, for messages ("directory", "FIFO"…).
+pub fn file_kind(ft: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
-    if ft.is_dir() {
+    if ft.is_file() {
+        "regular file"
+    } else if ft.is_dir() {
         "directory"
     } else if ft.is_fifo() {
         "FIFO"
@@ -84,6 +86,8 @@ fn file_kind(ft: std::fs::FileType) -> &'static str {
         "socket"
     } else if ft.is_char_device() {
         "character device"
+    } else if ft.is_block_device() {
+        "block device"
     } else if ft.is_symlink() {
         "symbolic link"
     } else {
