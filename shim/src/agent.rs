@@ -1002,8 +1002,23 @@ async fn relay_out(listener: UnixListener, path: PathBuf, fifo: String) {
     let Some(mut stream) = accept_once(listener, &path).await else {
         return;
     };
-    // Read-write, so opening never fails or blocks for want of a reader.
-    match pipe::OpenOptions::new().read_write(true).open_sender(&fifo) {
+    // A `file://` URI's file is appended to; a FIFO is opened read-write, so opening never
+    // fails or blocks for want of a reader.
+    let out: io::Result<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> =
+        match crate::console::log_file(&fifo) {
+            Some(file) => tokio::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o640)
+                .open(file)
+                .await
+                .map(|f| Box::new(f) as _),
+            None => pipe::OpenOptions::new()
+                .read_write(true)
+                .open_sender(&fifo)
+                .map(|p| Box::new(p) as _),
+        };
+    match out {
         Ok(mut out) => {
             if let Err(e) = tokio::io::copy(&mut stream, &mut out).await {
                 log::debug!("output to {fifo} ended: {e}");

@@ -86,7 +86,25 @@ impl ConsoleWriter {
     }
 }
 
-/// Starts copying to `stdout` (a FIFO path; empty means discard). `stderr`, if given, gets
+/// The file of a `file://` stdio URI (`ctr run --log-uri file:///PATH`): output is
+/// appended to it (created 0640 if missing) instead of a FIFO.
+pub fn log_file(stdio: &str) -> Option<&std::path::Path> {
+    stdio.strip_prefix("file://").map(std::path::Path::new)
+}
+
+/// Opens a task's output: appends to a `file://` URI's file, else opens the FIFO.
+fn open_output(target: &std::path::Path) -> io::Result<File> {
+    match target.to_str().and_then(log_file) {
+        Some(file) => OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .open(file),
+        None => OpenOptions::new().write(true).open(target),
+    }
+}
+
+/// Starts copying to `stdout` (a FIFO path or a `file://` URI; empty means discard). `stderr`, if given, gets
 /// no data (the console is one stream) but is opened and closed when the VM is gone, so its
 /// reader sees EOF too. Returns the sink for the VMM and the writer to join after the VM
 /// ended.
@@ -99,7 +117,7 @@ pub fn start(stdout: &str, stderr: &str) -> io::Result<(ConsoleSink, ConsoleWrit
         .name("console".into())
         .spawn(move || {
             copy_out(path, &s);
-            if let Some(p) = err_path {
+            if let Some(p) = err_path.filter(|p| p.to_str().and_then(log_file).is_none()) {
                 // Without a reader this fails with ENXIO, which is fine: nobody waits for EOF.
                 let _ = OpenOptions::new()
                     .write(true)
@@ -117,7 +135,7 @@ pub fn start(stdout: &str, stderr: &str) -> io::Result<(ConsoleSink, ConsoleWrit
 
 fn copy_out(path: Option<PathBuf>, shared: &Shared) {
     let mut out: Option<File> = match &path {
-        Some(p) => match OpenOptions::new().write(true).open(p) {
+        Some(p) => match open_output(p) {
             Ok(f) => Some(f),
             Err(e) => {
                 log::warn!(

@@ -201,7 +201,7 @@ fn a_guest_storming_forever_is_stopped_by_the_host() {
     let vm = start_vm(config(
         dir.as_path(),
         assemble::payload("storm"),
-        "forever seed=11",
+        "storm! seed=11",
         &console,
     ))
     .unwrap();

@@ -7,8 +7,9 @@
  * port write or read.
  *
  * The command line chooses: its bytes seed the generator (so each case is another
- * storm); a first character `f` storms forever (the host must still stop it), anything
- * else storms ROUNDS rounds, prints "storm done" and exits with status 7.
+ * storm); a `!` anywhere in it storms forever (the host must still stop it; the shim
+ * appends an `io.kestrel.vm.cmdline` annotation to its own command line), else the
+ * storm lasts ROUNDS rounds, prints "storm done" and exits with status 7.
  *
  * Ports the storm leaves alone: the exit port and boot timer (0x440-0x447) and the
  * i8042 (0x60-0x64, whose 0xfe resets the machine) — those end the VM on purpose. */
@@ -24,13 +25,14 @@
 _start:
     mov $0x80000, %esp
     mov 0x18(%ebx), %esi           /* cmdline_paddr */
-    movzbl (%esi), %eax
-    mov %eax, first
     mov $2463534242, %edi
 1:  movzbl (%esi), %eax
     test %eax, %eax
     jz 2f
-    imul $31, %edi
+    cmp $'!', %eax
+    jne 4f
+    movl $1, forever
+4:  imul $31, %edi
     add %eax, %edi
     inc %esi
     jmp 1b
@@ -47,8 +49,8 @@ round:
     jmp *table(,%eax,4)
 
 next:
-    cmpl $'f', first
-    je round
+    cmpl $0, forever
+    jne round
     decl left
     jnz round
     PRINT(m_done)
@@ -213,4 +215,4 @@ m_done: .asciz "storm done\n"
     .p2align 2
 seed: .long 0
 left: .long 0
-first: .long 0
+forever: .long 0
