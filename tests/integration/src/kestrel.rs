@@ -45,6 +45,44 @@ pub fn setup(images: &[&Path]) -> Option<Setup> {
     Some(Setup { c, _serial: serial })
 }
 
+/// Writes to `path` ctr's default spec with `root` as its (read-only) root, no terminal,
+/// `annotations`, and `args` as the process's when given: a task `ctr run --config` runs
+/// without an image. Panics on failure (a test's setup).
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+pub fn write_spec(
+    c: &Containerd,
+    path: &Path,
+    root: &Path,
+    annotations: serde_json::Value,
+    args: Option<&[&str]>,
+) {
+    let mut s: serde_json::Value = serde_json::from_str(&c.ctr_ok(&["oci", "spec"])).unwrap();
+    s["root"] = serde_json::json!({"path": root, "readonly": true});
+    s["process"]["terminal"] = serde_json::json!(false);
+    if let Some(args) = args {
+        s["process"]["args"] = serde_json::json!(args);
+    }
+    s["annotations"] = annotations;
+    std::fs::write(path, serde_json::to_vec(&s).unwrap()).unwrap();
+}
+
+/// `ctr run --rm` of task `id` from the spec file `spec` on the kestrel runtime.
+pub fn run_config_args(spec: &Path, id: &str) -> Vec<String> {
+    let spec = spec.to_string_lossy();
+    let spec = spec.as_ref();
+    [
+        "run",
+        "--rm",
+        "--runtime",
+        containerd::KESTREL_RUNTIME,
+        "--config",
+        spec,
+        id,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Container ids unique to this test process: /var/lib/kestrel is shared with other runs.
 pub fn unique(name: &str) -> String {
     format!("{name}-{}", std::process::id())

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kestrel_integration_tests::containerd::{describe, Containerd, KESTREL_RUNTIME};
+use kestrel_integration_tests::containerd::{describe, Containerd};
 use kestrel_integration_tests::kestrel::{self, assert_gone, unique};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -162,20 +162,19 @@ fn cases() -> Vec<Case> {
 
 /// Writes the spec of a case: ctr's default spec with `root` as its root.
 fn write_spec(c: &Containerd, dir: &Path, case: &Case, root: &Path) -> PathBuf {
-    let mut s: serde_json::Value = serde_json::from_str(&c.ctr_ok(&["oci", "spec"])).unwrap();
-    s["root"] = serde_json::json!({"path": root, "readonly": true});
-    s["process"]["terminal"] = serde_json::json!(false);
-    if let Some(args) = case.args {
-        s["process"]["args"] = serde_json::json!(args);
-    }
     let annotations: serde_json::Map<String, serde_json::Value> = case
         .annotations
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
         .collect();
-    s["annotations"] = serde_json::Value::Object(annotations);
     let path = dir.join(format!("{}.json", case.name));
-    std::fs::write(&path, serde_json::to_vec(&s).unwrap()).unwrap();
+    kestrel::write_spec(
+        c,
+        &path,
+        root,
+        serde_json::Value::Object(annotations),
+        case.args,
+    );
     path
 }
 
@@ -186,16 +185,9 @@ fn check(c: &Containerd, dir: &Path, case: &Case) -> Option<String> {
     (case.root)(&root);
     let spec = write_spec(c, dir, case, &root);
     let id = unique(&format!("bad-{}", case.name));
+    let args = kestrel::run_config_args(&spec, &id);
     let out = c.ctr_with_timeout(
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            KESTREL_RUNTIME,
-            "--config",
-            spec.to_str().unwrap(),
-            &id,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         TIMEOUT,
     );
     let err = String::from_utf8_lossy(&out.stderr).trim().to_string();

@@ -135,28 +135,9 @@ impl Rig {
     }
 
     fn spec(&self, name: &str, annotations: serde_json::Value) -> PathBuf {
-        let mut s: serde_json::Value =
-            serde_json::from_str(&self.c.ctr_ok(&["oci", "spec"])).unwrap();
-        s["root"] = serde_json::json!({"path": self.dir.join("root"), "readonly": true});
-        s["process"]["terminal"] = serde_json::json!(false);
-        s["annotations"] = annotations;
         let path = self.dir.join(format!("{name}.json"));
-        std::fs::write(&path, serde_json::to_vec(&s).unwrap()).unwrap();
+        kestrel::write_spec(&self.c, &path, &self.dir.join("root"), annotations, None);
         path
-    }
-
-    fn run_args<'a>(&self, spec: &'a Path, id: &'a str) -> Vec<String> {
-        [
-            "run",
-            "--rm",
-            "--runtime",
-            KESTREL_RUNTIME,
-            "--config",
-            spec.to_str().unwrap(),
-            id,
-        ]
-        .map(String::from)
-        .to_vec()
     }
 }
 
@@ -174,7 +155,7 @@ fn hundreds_of_vm_tasks_in_sequence_and_at_once_leak_nothing() {
     );
     // One warm-up task: containerd opens what it keeps (snapshotter, plugins) on first use.
     let run_one = |id: &str| {
-        let args = rig.run_args(&spec, id);
+        let args = kestrel::run_config_args(&spec, id);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = c.ctr_with_timeout(&args, TIMEOUT);
         assert_eq!(out.status.code(), Some(42), "{id}: {}", describe(&out));
@@ -206,7 +187,7 @@ fn hundreds_of_vm_tasks_in_sequence_and_at_once_leak_nothing() {
                 "-n",
                 containerd::NAMESPACE,
             ])
-            .args(rig.run_args(&spec, &id));
+            .args(kestrel::run_config_args(&spec, &id));
             (id, cmd.output_spawned())
         })
         .collect();
