@@ -100,13 +100,19 @@ fn open_output(target: &std::path::Path) -> io::Result<File> {
             .create(true)
             .mode(0o640)
             .open(file),
-        None => OpenOptions::new().write(true).open(target),
+        // Opening a FIFO blocks until its reader comes; a signal meanwhile is no failure.
+        None => loop {
+            match OpenOptions::new().write(true).open(target) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        },
     }
 }
 
-/// Starts copying to `stdout` (a FIFO path or a `file://` URI; empty means discard). `stderr`, if given, gets
-/// no data (the console is one stream) but is opened and closed when the VM is gone, so its
-/// reader sees EOF too. Returns the sink for the VMM and the writer to join after the VM
+/// Starts copying to `stdout` (a FIFO path or a `file://` URI; empty means discard).
+/// `stderr`, if given, gets no data (the console is one stream) but is opened and closed
+/// when the VM is gone, so its reader sees EOF too. Returns the sink for the VMM and the writer to join after the VM
 /// ended.
 pub fn start(stdout: &str, stderr: &str) -> io::Result<(ConsoleSink, ConsoleWriter)> {
     let shared = Arc::new(Shared::default());
