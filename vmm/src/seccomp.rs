@@ -11,9 +11,9 @@
 //! on whichever thread that is, and copes with the refusal. (A second filter answers the
 //! open calls; the kernel takes the stricter answer of the two.)
 //!
-//! Any other call outside the list is fatal: the kernel raises SIGSYS on the calling thread, whose
-//! handler writes which call it was and from which thread (to stderr and to the files
-//! given to [`report_to`]) and ends the process with [`EXIT_STATUS`] (128 + SIGSYS). A
+//! Any other call outside the list is fatal: the kernel raises SIGSYS on the calling
+//! thread, whose handler writes which call it was and from which thread (to stderr and to
+//! the files given to [`report_to`]) and ends the process with [`EXIT_STATUS`]. A
 //! thread that made a forbidden call may have been taken over by the guest; nothing of the
 //! process is trusted after that, so the whole process ends, and its owner (containerd,
 //! through the shim's `delete`) reports and cleans up.
@@ -354,26 +354,27 @@ fn program(kind: ThreadKind, level: SeccompLevel) -> Result<BpfProgram, SeccompE
         SeccompLevel::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
     };
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| SeccompError::Build(what, e))?;
-    filter
-        .try_into()
-        .map_err(|e| SeccompError::Compile(what, e))
+    compile(what, rules, mismatch, SeccompAction::Allow)
 }
 
 /// The filter every confined thread gets at [`SeccompLevel::Enforce`] besides its
 /// allow-list: opening a file fails with EACCES.
 fn no_open_program() -> Result<BpfProgram, SeccompError> {
-    let what = "confined";
     let mut rules = Rules::new();
     allow(&mut rules, &OPEN_CALLS);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(|e| SeccompError::Build(what, e))?;
+    let refuse = SeccompAction::Errno(libc::EACCES as u32);
+    compile("confined", rules, SeccompAction::Allow, refuse)
+}
+
+/// `rules` answered `on_match`, everything else `mismatch`, as BPF for x86_64.
+fn compile(
+    what: &'static str,
+    rules: Rules,
+    mismatch: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(rules, mismatch, on_match, TargetArch::x86_64)
+        .map_err(|e| SeccompError::Build(what, e))?;
     filter
         .try_into()
         .map_err(|e| SeccompError::Compile(what, e))
