@@ -72,6 +72,13 @@ if [ ${#missing[@]} -ne 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# cargo-fuzz for scripts/fuzz.sh, built once from crates.io into the cache.
+if [ "$mode" = tests ] && [ ! -x "$KESTREL_CACHE/tools/bin/cargo-fuzz" ]; then
+  echo "install-deps: building cargo-fuzz into $KESTREL_CACHE/tools" >&2
+  cargo install --quiet --locked cargo-fuzz --version 0.13.2 \
+    --root "$KESTREL_CACHE/tools" --target-dir "$KESTREL_CACHE/tools/build"
+fi
+
 # Debian's cloud-init, unpacked (not installed) for seed/tests/cross_check.rs.
 if [ "$mode" = tests ] || [ "$mode" = benches ]; then
   ci="$KESTREL_CACHE/cloud-init"

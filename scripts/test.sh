@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # kestrel's test command: installs what is missing, builds the guest assets (cached),
 # checks formatting and lints, and runs every test layer (device logic, tiny-payload VMM
-# tests, real Linux boots, CLI). Tests that need /dev/kvm print "skipped: <reason>"
-# on hosts without it.
+# tests, real Linux boots, CLI, containerd, CRI), then each fuzz target for
+# $KESTREL_FUZZ_SECONDS (20) seconds (scripts/fuzz.sh). Tests that need /dev/kvm print
+# "skipped: <reason>" on hosts without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -20,3 +21,5 @@ cargo build --quiet -p kestrel-shim
 export KESTREL_SHIM="$CARGO_TARGET_DIR/debug/containerd-shim-kestrel-v2"
 echo "== cargo test" >&2
 cargo test --workspace "$@"
+echo "== fuzz (each target ${KESTREL_FUZZ_SECONDS:-20} s)" >&2
+scripts/fuzz.sh "${KESTREL_FUZZ_SECONDS:-20}"

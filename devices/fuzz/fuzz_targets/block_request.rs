@@ -1,69 +1,35 @@
 //! Fuzzes virtio-blk request parsing: arbitrary descriptor tables (loops, bad indices,
 //! indirect tables, any direction and length) over guest memory filled with arbitrary bytes.
 //!
-//! Input: byte 0 = number of descriptors (mod 17), then 16 bytes per descriptor
-//! (addr, len, flags, next, little-endian), then the contents of guest memory at DATA.
+//! Input: see `common/chain.rs`.
 //! `cargo fuzz run block_request` from `devices/`.
 
 #![no_main]
 
 use devices::virtio::block::request::{parse, RequestLimits};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const MEM_SIZE: usize = 0x2_0000;
-const DATA: u64 = 0x1000;
-const QUEUE_SIZE: u16 = 16;
+#[path = "common/chain.rs"]
+mod chain;
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&count, rest)) = input.split_first() else {
-        return;
-    };
-    let count = usize::from(count) % (usize::from(QUEUE_SIZE) + 1);
-    if count == 0 || rest.len() < count * 16 {
-        return;
-    }
-    let (table, contents) = rest.split_at(count * 16);
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else {
-        return;
-    };
-    let contents = &contents[..contents.len().min(MEM_SIZE - DATA as usize)];
-    if mem.write_slice(contents, GuestAddress(DATA)).is_err() {
-        return;
-    }
-    let descs: Vec<RawDescriptor> = table
-        .chunks_exact(16)
-        .map(|c| {
-            let u64_at = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().unwrap());
-            let u32_at = |i: usize| u32::from_le_bytes(c[i..i + 4].try_into().unwrap());
-            let u16_at = |i: usize| u16::from_le_bytes(c[i..i + 2].try_into().unwrap());
-            // Keep most addresses near guest memory so the parser gets past the range checks.
-            let addr = u64_at(0) % (2 * MEM_SIZE as u64);
-            RawDescriptor::from(Descriptor::new(addr, u32_at(8), u16_at(12), u16_at(14)))
-        })
-        .collect();
-    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    let Ok(chain) = vq.build_multiple_desc_chains(&descs) else {
-        return;
-    };
-    let limits = RequestLimits {
-        capacity: 1 << 12,
-        max_data_descriptors: 8,
-        max_discard_segments: 4,
-        max_discard_sectors: 64,
-        max_write_zeroes_segments: 2,
-        max_write_zeroes_sectors: 64,
-    };
-    match parse(chain, &limits) {
-        Ok(req) => {
-            // A parsed request only points into guest memory.
-            assert!(req.status.0 < MEM_SIZE as u64);
+    chain::with_chain(input, |descs| {
+        let limits = RequestLimits {
+            capacity: 1 << 12,
+            max_data_descriptors: 8,
+            max_discard_segments: 4,
+            max_discard_sectors: 64,
+            max_write_zeroes_segments: 2,
+            max_write_zeroes_sectors: 64,
+        };
+        match parse(descs, &limits) {
+            Ok(req) => {
+                // A parsed request only points into guest memory.
+                assert!(req.status.0 < chain::MEM_SIZE as u64);
+            }
+            Err(rejected) => {
+                let _ = rejected.error.status();
+            }
         }
-        Err(rejected) => {
-            let _ = rejected.error.status();
-        }
-    }
+    });
 });
