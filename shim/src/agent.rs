@@ -67,8 +67,6 @@ pub enum AgentVmError {
     Dir(PathBuf, #[source] io::Error),
     #[error("cannot build the VM")]
     Build(#[source] vmm::BuildVmError),
-    #[error("bad {} in the shim's environment", vmm::seccomp::ENV)]
-    Seccomp(#[source] vmm::seccomp::SeccompError),
     #[error("the VM ended before its agent answered ({exit}); last console lines:\n{console}")]
     Ended { exit: String, console: String },
     #[error("the guest agent did not answer within {secs} s; last console lines:\n{console}")]
@@ -222,7 +220,7 @@ pub async fn connect_port(vsock: &Path, port: u32) -> io::Result<UnixStream> {
 
 fn host_err(what: &str, e: AgentVmError) -> GuestError {
     let code = match e {
-        AgentVmError::Asset(_) | AgentVmError::Seccomp(_) => Code::FAILED_PRECONDITION,
+        AgentVmError::Asset(_) => Code::FAILED_PRECONDITION,
         AgentVmError::Ended { .. } | AgentVmError::Timeout { .. } => Code::UNAVAILABLE,
         _ => Code::INTERNAL,
     };
@@ -237,7 +235,7 @@ impl AgentVm {
             .map_err(|e| err(AgentVmError::Asset(e)))?;
         let initrd = vmm::assets::default_asset(vmm::assets::INITRD)
             .map_err(|e| err(AgentVmError::Asset(e)))?;
-        let seccomp = vmm::SeccompLevel::from_env().map_err(|e| err(AgentVmError::Seccomp(e)))?;
+        let seccomp = crate::host::seccomp_level()?;
         tokio::fs::create_dir_all(&spec.dir)
             .await
             .map_err(|e| err(AgentVmError::Dir(spec.dir.clone(), e)))?;

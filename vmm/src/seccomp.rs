@@ -444,11 +444,19 @@ impl Filters {
     }
 }
 
-fn thread_label(kind: ThreadKind, index: u16) -> String {
+/// Names a confined thread ("the VMM thread", "the vCPU 2 thread"); allocation-free, so
+/// the SIGSYS handler uses it too.
+fn write_thread(out: &mut impl std::fmt::Write, kind: ThreadKind, index: u16) -> std::fmt::Result {
     match kind {
-        ThreadKind::Vmm => "the VMM thread".to_string(),
-        k => format!("the {} {index} thread", k.name()),
+        ThreadKind::Vmm => out.write_str("the VMM thread"),
+        k => write!(out, "the {} {index} thread", k.name()),
     }
+}
+
+fn thread_label(kind: ThreadKind, index: u16) -> String {
+    let mut s = String::new();
+    let _ = write_thread(&mut s, kind, index);
+    s
 }
 
 // --- the SIGSYS handler ------------------------------------------------------------------
@@ -520,17 +528,10 @@ fn report(buf: &mut StackBuf, thread: Option<(u8, u16)>, seccomp: bool, nr: i64)
             .ok()
             .and_then(syscalls::x86_64::Sysno::new)
             .map_or("unknown", |s| s.name());
-        match who {
-            Some((ThreadKind::Vmm, _)) => {
-                let _ = buf.write_str("the VMM thread");
-            }
-            Some((k, i)) => {
-                let _ = write!(buf, "the {} {i} thread", k.name());
-            }
-            None => {
-                let _ = buf.write_str("a thread");
-            }
-        }
+        let _ = match who {
+            Some((k, i)) => write_thread(buf, k, i),
+            None => buf.write_str("a thread"),
+        };
         let _ = write!(buf, " made a forbidden system call: {name} ({nr})");
     }
     let _ = writeln!(buf, "; the VMM stops (exit status {EXIT_STATUS})");
