@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Runs kestrel's fuzz targets (devices/fuzz: cargo-fuzz + libFuzzer) for a bounded time:
+# Runs kestrel's fuzz targets (fuzz/: cargo-fuzz + libFuzzer) for a bounded time:
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     (default: 20 s each, every target)
 #
-# Each target starts from its seed corpus in the repo (devices/fuzz/corpus/<target>),
+# Each target starts from its seed corpus in the repo (fuzz/corpus/<target>),
 # copied into a scratch directory that collects what libFuzzer finds, so the repo is never
 # written. A crash fails the run; libFuzzer leaves the input under
-# devices/fuzz/artifacts/<target>/ (`cargo fuzz run <target> <that file>` from devices/
-# replays it). The long runs are the same command with a larger SECONDS.
+# fuzz/artifacts/<target>/ (`cargo fuzz run <target> <that file>` replays it). The long runs are the same command with a larger SECONDS.
 #
 # Built with the stable toolchain: RUSTC_BOOTSTRAP=1 lets it take the -Z flags libFuzzer's
 # instrumentation needs (a fresh machine here gets no nightly), without a sanitizer (the
@@ -26,7 +25,6 @@ command -v cargo-fuzz >/dev/null || {
   echo "fuzz: cargo-fuzz missing (scripts/install-deps.sh builds it)" >&2
   exit 1
 }
-cd devices
 if [ $# -gt 0 ]; then
   targets=("$@")
 else
@@ -39,7 +37,7 @@ for t in "${targets[@]}"; do
   if ! cargo fuzz run --sanitizer none -O -a "$t" "$work/corpus" "fuzz/corpus/$t" -- \
       -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 >"$log" 2>&1; then
     tail -n 40 "$log" >&2
-    echo "fuzz: $t FAILED (input under devices/fuzz/artifacts/$t/)" >&2
+    echo "fuzz: $t FAILED (input under fuzz/artifacts/$t/)" >&2
     exit 1
   fi
   runs="$(grep -Eo 'Done [0-9]+ runs in [0-9]+ second' "$log" | tail -n 1)"

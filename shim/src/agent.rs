@@ -36,7 +36,7 @@ use devices::disk::{DiskBackend, EmptyDisk};
 use devices::virtio::net::MacAddr;
 use kestrel_agent_protocol::{
     pod::PodConfig, BlockDevice, Call, ContainerConfig, GuestEvent, Reply, StdioPort, AGENT_PORT,
-    CALL_METHOD, EVENTS_PORT, KESTREL_SERVICE, SERVE_PARAM,
+    CALL_METHOD, EVENTS_PORT, KESTREL_SERVICE, MAX_EVENT_LINE, SERVE_PARAM,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -160,7 +160,7 @@ pub struct AgentVm {
     console: ConsoleTail,
     events: tokio::task::AbortHandle,
     /// Which container holds each disk slot.
-    slots: Mutex<Vec<Option<String>>>,
+    slots: Arc<Mutex<Vec<Option<String>>>>,
     next_serial: AtomicU32,
     /// The same connection, for kestrel's own calls.
     raw: ttrpc::asynchronous::Client,
@@ -251,7 +251,11 @@ impl AgentVm {
                 e,
             )
         })?;
-        let events = tokio::spawn(read_events(events_listener, spec.on_event)).abort_handle();
+        let slots: Arc<Mutex<Vec<Option<String>>>> = Arc::new(Mutex::new(
+            spec.slots.iter().map(|(owner, _)| owner.clone()).collect(),
+        ));
+        let events =
+            tokio::spawn(read_events(events_listener, slots.clone(), spec.on_event)).abort_handle();
 
         let console = ConsoleTail::default();
         let mut config = VmConfig::new(kernel);
@@ -277,11 +281,9 @@ impl AgentVm {
         }
         config.vcpus = spec.vcpus;
         config.memory_mib = spec.memory_mib;
-        let mut owners = Vec::with_capacity(spec.slots.len());
-        for (owner, disk) in spec.slots {
-            owners.push(owner);
-            config.disks.push(disk);
-        }
+        config
+            .disks
+            .extend(spec.slots.into_iter().map(|(_, disk)| disk));
         if let Some((tap, mac)) = spec.net {
             config.nets.push(NetConfig {
                 tap: TapSource::Fd(tap),
@@ -342,7 +344,7 @@ impl AgentVm {
             exit,
             console,
             events,
-            slots: Mutex::new(owners),
+            slots,
             next_serial: AtomicU32::new(1),
             raw,
             volumes,
@@ -885,7 +887,7 @@ async fn stop(control: &ControlSender) {
 }
 
 /// One of kestrel's own calls to the agent ([`KESTREL_SERVICE`]).
-async fn call(client: &ttrpc::asynchronous::Client, c: &Call) -> Result<Reply, GuestError> {
+pub async fn call(client: &ttrpc::asynchronous::Client, c: &Call) -> Result<Reply, GuestError> {
     let payload = c
         .encode()
         .map_err(|e| GuestError::host("encode a call to the agent", Code::INTERNAL, e))?;
@@ -971,17 +973,59 @@ async fn watch_volumes(
     }
 }
 
-/// Reads the agent's events stream (one JSON object a line) until the VM is gone.
-async fn read_events(listener: UnixListener, on_event: Box<dyn Fn(GuestEvent) + Send + Sync>) {
-    use tokio::io::AsyncBufReadExt;
+/// Reads the agent's events stream until the VM is gone; `slots` names the VM's
+/// containers.
+async fn read_events(
+    listener: UnixListener,
+    slots: Arc<Mutex<Vec<Option<String>>>>,
+    on_event: Box<dyn Fn(GuestEvent) + Send + Sync>,
+) {
     let Ok((stream, _)) = listener.accept().await else {
         return;
     };
-    let mut lines = tokio::io::BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        match GuestEvent::from_line(&line) {
+    let owns = |id: &str| {
+        slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|s| s.as_deref() == Some(id))
+    };
+    read_event_stream(stream, owns, on_event).await;
+}
+
+/// Reads an events stream (one JSON object a line, [`GuestEvent`]) until it ends, and
+/// hands each event to `on_event`. The agent may be compromised: a line that does not
+/// decode is logged and skipped, one longer than [`MAX_EVENT_LINE`] ends the stream (the
+/// shim never holds more of it), and an OOM kill of a container `owns` does not know is
+/// dropped (it would reach containerd as another task's event).
+pub async fn read_event_stream(
+    stream: impl tokio::io::AsyncRead + Unpin,
+    owns: impl Fn(&str) -> bool,
+    on_event: impl Fn(GuestEvent),
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let limit = (MAX_EVENT_LINE + 1) as u64;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line.last() != Some(&b'\n') && line.len() > MAX_EVENT_LINE => {
+                log::warn!(
+                    "the guest agent sent an event line over {MAX_EVENT_LINE} bytes: events stream closed"
+                );
+                return;
+            }
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        match GuestEvent::from_line(&text) {
+            Ok(GuestEvent::Oom { container_id }) if !owns(&container_id) => log::warn!(
+                "the guest agent reports an OOM kill in {container_id:?}, which is not a container of this VM: ignored"
+            ),
             Ok(event) => on_event(event),
-            Err(e) => log::warn!("the guest agent sent a bad event {line:?}: {e}"),
+            Err(e) => log::warn!("the guest agent sent a bad event {:?}: {e}", text.trim_end()),
         }
     }
 }
@@ -1070,4 +1114,48 @@ async fn relay_in(listener: UnixListener, path: PathBuf, fifo: String, close: Ar
         }
     }
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn events_of(stream: &[u8]) -> Vec<GuestEvent> {
+        let seen = Mutex::new(Vec::new());
+        let owns = |id: &str| id == "c1";
+        read_event_stream(stream, owns, |e| seen.lock().unwrap().push(e)).await;
+        seen.into_inner().unwrap()
+    }
+
+    #[tokio::test]
+    async fn events_of_a_compromised_agent_are_bounded() {
+        let oom = |id: &str| GuestEvent::Oom {
+            container_id: id.into(),
+        };
+        // Bad lines are skipped; an OOM kill of another VM's container never reaches
+        // containerd; the last line needs no newline.
+        let stream = b"{\"event\":\"oom\",\"container_id\":\"c1\"}\nnot json\n\
+            {\"event\":\"oom\",\"container_id\":\"other-pod\"}\n\xff\xfe\n\
+            {\"event\":\"listening\",\"ports\":[80,22,80]}";
+        assert_eq!(
+            events_of(stream).await,
+            [
+                oom("c1"),
+                GuestEvent::Listening {
+                    ports: vec![22, 80]
+                }
+            ]
+        );
+        // A line up to the limit is read; a longer one ends the stream.
+        let padded = |n: usize| {
+            let mut l = b"{\"event\":\"oom\",\"container_id\":\"c1\"}".to_vec();
+            l.resize(n, b' ');
+            l.push(b'\n');
+            l
+        };
+        let mut stream = padded(MAX_EVENT_LINE);
+        stream.extend(padded(MAX_EVENT_LINE + 1));
+        stream.extend(padded(40));
+        assert_eq!(events_of(&stream).await, [oom("c1")]);
+    }
 }

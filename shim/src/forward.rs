@@ -36,12 +36,13 @@ impl PortForwarder {
         })
     }
 
-    /// The guest listens on `ports` now: listen on the new ones, close the gone ones.
-    /// Called on the tokio runtime; never blocks.
+    /// The guest listens on `ports` now (sorted, as `GuestEvent::from_line` leaves them):
+    /// listen on the new ones, close the gone ones. Called on the tokio runtime; never
+    /// blocks.
     pub fn update(self: &Arc<Self>, ports: &[u16]) {
         let mut current = self.ports.lock().unwrap_or_else(|e| e.into_inner());
         current.retain(|port, task| {
-            let keep = ports.contains(port);
+            let keep = ports.binary_search(port).is_ok();
             if !keep {
                 task.abort();
             }

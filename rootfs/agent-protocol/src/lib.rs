@@ -46,6 +46,11 @@ pub const SERIAL_PREFIX: &str = "serial:";
 /// Kernel command-line word that makes the agent serve (without it, it reports what the
 /// guest sees and powers off, which is what the boot tests and `kestrel run` use).
 pub const SERVE_PARAM: &str = "kestrel.agent=serve";
+/// The longest line of the events stream ([`EVENTS_PORT`]) the host reads; a longer one
+/// ends the stream.
+pub const MAX_EVENT_LINE: usize = 64 * 1024;
+/// The most guest ports one [`GuestEvent::Listening`] may name.
+pub const MAX_LISTENING_PORTS: usize = 1024;
 /// The largest total size of host files copied into a container (bind-mount sources).
 pub const MAX_COPIED_BYTES: usize = 1 << 20;
 
@@ -98,6 +103,22 @@ pub struct CopiedEntry {
     /// Permission bits.
     pub mode: u32,
     pub kind: EntryKind,
+}
+
+impl CopiedEntry {
+    /// The entry's path relative to the mount's source, refused unless every component is
+    /// a plain name (no `..`, no root, no `.`): the host names it, and the agent joins it to
+    /// a directory of its own.
+    pub fn relative(&self) -> Result<&std::path::Path, ProtocolError> {
+        let rel = std::path::Path::new(&self.path);
+        if rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(ProtocolError::NotRelative(self.path.clone()));
+        }
+        Ok(rel)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,8 +196,20 @@ impl GuestEvent {
         Ok(line)
     }
 
+    /// Decodes one line of the events stream. The agent may be compromised: a
+    /// [`GuestEvent::Listening`] comes back sorted, without repeats, and with at most
+    /// [`MAX_LISTENING_PORTS`] ports (the host opens two listeners for each).
     pub fn from_line(line: &str) -> Result<Self, ProtocolError> {
-        serde_json::from_str(line.trim_end()).map_err(ProtocolError::Json)
+        let mut event: GuestEvent =
+            serde_json::from_str(line.trim_end()).map_err(ProtocolError::Json)?;
+        if let GuestEvent::Listening { ports } = &mut event {
+            ports.sort_unstable();
+            ports.dedup();
+            if ports.len() > MAX_LISTENING_PORTS {
+                return Err(ProtocolError::TooManyPorts(ports.len()));
+            }
+        }
+        Ok(event)
     }
 }
 
@@ -191,6 +224,10 @@ pub enum ProtocolError {
     Json(#[source] serde_json::Error),
     #[error("the kernel command line's {} is not base64url", pod::POD_PARAM)]
     BadPodParam,
+    #[error("copied path {0:?} is not relative")]
+    NotRelative(String),
+    #[error("the guest reports {0} listening ports (at most {MAX_LISTENING_PORTS})")]
+    TooManyPorts(usize),
 }
 
 /// A stdio stream's vsock port, as written in the task API's stdin/stdout/stderr fields.
@@ -388,5 +425,52 @@ mod tests {
         assert_eq!(m.options, ["kestrel.size=1073741824", "ro"]);
         assert_eq!(mount_size(&m), Some(1 << 30));
         assert_eq!(mount_size(&protos::api::Mount::default()), None);
+    }
+
+    #[test]
+    fn copied_paths_stay_below_their_base() {
+        let entry = |path: &str| CopiedEntry {
+            path: path.into(),
+            mode: 0o644,
+            kind: EntryKind::Dir,
+        };
+        for ok in ["", "a", "a/b", "..data", "a/..b/c"] {
+            assert!(entry(ok).relative().is_ok(), "{ok}");
+        }
+        for bad in [
+            "..",
+            "../x",
+            "a/../../x",
+            "/etc",
+            "./a",
+            "a/./b/..",
+            "a//../b",
+        ] {
+            assert!(
+                matches!(entry(bad).relative(), Err(ProtocolError::NotRelative(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn listening_ports_come_back_sorted_and_bounded() {
+        let event = GuestEvent::from_line("{\"event\":\"listening\",\"ports\":[8080,22,8080]}\n");
+        assert_eq!(
+            event.unwrap(),
+            GuestEvent::Listening {
+                ports: vec![22, 8080]
+            }
+        );
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let line = GuestEvent::Listening { ports: all }.to_line().unwrap();
+        assert!(matches!(
+            GuestEvent::from_line(&line),
+            Err(ProtocolError::TooManyPorts(65536))
+        ));
+        let most: Vec<u16> = (1..=MAX_LISTENING_PORTS as u16).collect();
+        let line = GuestEvent::Listening { ports: most }.to_line().unwrap();
+        assert!(line.len() < MAX_EVENT_LINE);
+        assert!(GuestEvent::from_line(&line).is_ok());
     }
 }

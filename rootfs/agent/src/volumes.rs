@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use kestrel_agent_protocol::{CopiedEntry, CopiedMount, EntryKind, MAX_COPIED_BYTES};
@@ -38,19 +38,10 @@ fn volume_path(source: &str) -> PathBuf {
     Path::new(VOLUMES_DIR).join(format!("{h:016x}"))
 }
 
-fn relative(e: &CopiedEntry) -> Result<&Path, AgentError> {
-    let rel = Path::new(&e.path);
-    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(AgentError::Invalid(format!(
-            "copied path {:?} is not relative",
-            e.path
-        )));
-    }
-    Ok(rel)
-}
-
 fn entry_path(base: &Path, e: &CopiedEntry) -> Result<PathBuf, AgentError> {
-    let rel = relative(e)?;
+    let rel = e
+        .relative()
+        .map_err(|e| AgentError::Invalid(e.to_string()))?;
     Ok(if e.path.is_empty() {
         base.to_path_buf()
     } else {

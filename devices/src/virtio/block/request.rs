@@ -900,7 +900,7 @@ mod tests {
         );
     }
 
-    /// A cheap in-tree fuzz run (the cargo-fuzz target in devices/fuzz goes further):
+    /// A cheap in-tree fuzz run (the cargo-fuzz target in fuzz/ goes further):
     /// random descriptor tables and memory never make the parser panic, and a parsed
     /// request only points into guest memory.
     #[test]

@@ -2,7 +2,7 @@
 //! extensions, L1/L2 and refcount tables, compressed clusters); `convert` must refuse it
 //! or write a raw output, never panic, within a second and with the work bounded by the
 //! input's size. Input and output live in /dev/shm. `cargo fuzz run qcow2_convert` from
-//! `devices/`.
+//! the repository root.
 
 #![no_main]
 

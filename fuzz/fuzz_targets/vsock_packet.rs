@@ -1,7 +1,7 @@
 //! Fuzzes vsock packet parsing: TX packets (header, then data, device-readable) against
 //! the limits the device uses, and RX buffers. A parsed packet's data only names guest
 //! memory and is as long as its header says. Input: see `common/chain.rs`; the last byte's
-//! low bit picks TX or RX. `cargo fuzz run vsock_packet` from `devices/`.
+//! low bit picks TX or RX. `cargo fuzz run vsock_packet` from the repository root.
 
 #![no_main]
 

@@ -2,7 +2,7 @@
 //! indirect tables, any direction and length) over guest memory filled with arbitrary bytes.
 //!
 //! Input: see `common/chain.rs`.
-//! `cargo fuzz run block_request` from `devices/`.
+//! `cargo fuzz run block_request` from the repository root.
 
 #![no_main]
 

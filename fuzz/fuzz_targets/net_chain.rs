@@ -1,7 +1,7 @@
 //! Fuzzes virtio-net chain parsing: TX chains (header + frame, device-readable) and RX
 //! buffers (device-writable), from arbitrary descriptor tables over arbitrary memory. A
 //! parsed chain only names guest memory. Input: see `common/chain.rs`; the last byte's low
-//! bit picks TX or RX. `cargo fuzz run net_chain` from `devices/`.
+//! bit picks TX or RX. `cargo fuzz run net_chain` from the repository root.
 
 #![no_main]
 
