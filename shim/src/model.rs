@@ -884,4 +884,60 @@ mod tests {
             Code::NOT_FOUND
         );
     }
+
+    /// A pod's shim lives as long as the pod, and every container of the pod passes
+    /// through its model: 1000 containers, each created, started, given an exec and
+    /// deleted, may grow the model's heap by 1 MiB at most (what stays is the maps' and
+    /// the event channel's capacity). On a current-thread runtime, so the model's tasks
+    /// allocate on the thread whose heap is counted.
+    #[test]
+    fn a_thousand_containers_grow_the_heap_by_less_than_1_mib() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (m, g, mut rx) = setup();
+            let new = NewExec {
+                spec: Any::default(),
+                stdio: Stdio::default(),
+            };
+            let cycle = |i: usize| {
+                let (m, g, new) = (&m, &g, new.clone());
+                async move {
+                    let id = format!("c{i}");
+                    m.create(container(&id)).await.unwrap();
+                    m.start(&id, "").await.unwrap();
+                    m.exec(&id, "e1", new).await.unwrap();
+                    m.start(&id, "e1").await.unwrap();
+                    g.exit(&id, "e1", 0);
+                    wait_exit(m, &id, "e1").await;
+                    m.delete(&id, "e1").await.unwrap();
+                    g.exit(&id, "", 0);
+                    wait_exit(m, &id, "").await;
+                    m.delete(&id, "").await.unwrap();
+                    // The fake guest's own records are not the model's.
+                    g.calls.lock().unwrap().clear();
+                    g.exits.lock().unwrap().clear();
+                }
+            };
+            for i in 0..20 {
+                cycle(i).await;
+                topics(&mut rx);
+            }
+            let before = crate::test_heap::live();
+            // The counter sees what this thread holds.
+            let probe = vec![0u8; 4096];
+            assert!(crate::test_heap::live() - before >= 4096);
+            drop(probe);
+            for i in 20..1020 {
+                cycle(i).await;
+                topics(&mut rx);
+            }
+            let growth = crate::test_heap::live() - before;
+            eprintln!("model: 1000 containers grew the heap by {growth} bytes");
+            assert!(m.is_empty());
+            assert!(growth <= 1 << 20, "the heap grew by {growth} bytes");
+        });
+    }
 }
