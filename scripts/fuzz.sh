@@ -41,6 +41,9 @@ for t in "${targets[@]}"; do
     exit 1
   fi
   runs="$(grep -Eo 'Done [0-9]+ runs in [0-9]+ second' "$log" | tail -n 1)"
-  echo "fuzz: $t: ${runs:-?}s, 0 crashes, corpus $(ls "$work/corpus" | wc -l) new + $(ls "fuzz/corpus/$t" | wc -l) seeds"
+  line="fuzz: $t: ${runs:-?}s, 0 crashes, corpus $(ls "$work/corpus" | wc -l) new + $(ls "fuzz/corpus/$t" | wc -l) seeds"
+  echo "$line"
+  # The test command's campaign report (scripts/test.sh).
+  if [ -n "${KESTREL_CAMPAIGN_REPORT:-}" ]; then echo "$line" >>"$KESTREL_CAMPAIGN_REPORT"; fi
   rm -rf "$work"
 done

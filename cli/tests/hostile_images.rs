@@ -813,14 +813,14 @@ fn hostile_qcow2_corpus_is_refused_or_converted_like_qemu() {
         }
         let _ = fs::remove_dir_all(case_dir);
     }
-    println!(
+    kestrel_test_support::campaign(format_args!(
         "hostile QCOW2 corpus: {} cases, {refused} refused, {converted} converted like qemu-img, \
          {} failures, peak memory {:.1} MiB, {:.1} s",
         cases.len(),
         failures.len(),
         peak as f64 / 1024.0,
         started.elapsed().as_secs_f64()
-    );
+    ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -935,7 +935,9 @@ mod tests {
                 topics(&mut rx);
             }
             let growth = crate::test_heap::live() - before;
-            eprintln!("model: 1000 containers grew the heap by {growth} bytes");
+            kestrel_test_support::campaign(format_args!(
+                "the shim's model: 1000 containers (with an exec each) grew its heap by {growth} bytes"
+            ));
             assert!(m.is_empty());
             assert!(growth <= 1 << 20, "the heap grew by {growth} bytes");
         });

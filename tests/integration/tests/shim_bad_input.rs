@@ -237,10 +237,10 @@ fn bad_input_gets_its_grpc_code_a_message_and_leaves_nothing() {
         cases.len(),
         failures.join("\n")
     );
-    eprintln!(
-        "bad input: {} cases, each refused as expected, nothing left",
+    kestrel_test_support::campaign(format_args!(
+        "bad input to the shim: {} cases, each refused as expected, nothing left",
         cases.len()
-    );
+    ));
 }
 
 /// The shim's environment is wrong: no guest kernel where `KESTREL_ASSETS` points, or an

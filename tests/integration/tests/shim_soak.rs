@@ -201,7 +201,7 @@ fn hundreds_of_vm_tasks_in_sequence_and_at_once_leak_nothing() {
     for i in 0..concurrent {
         assert_gone(c, &format!("soak-par-{i}"));
     }
-    eprintln!(
+    kestrel_test_support::campaign(format_args!(
         "soak: {cycles} VM tasks in sequence in {:.1} s ({:.0} ms each, {:.2} tasks/s/core), \
          {concurrent} at once in {:.1} s ({:.1} starts/s/core); host counts unchanged: {after:?}",
         sequential.as_secs_f64(),
@@ -209,7 +209,7 @@ fn hundreds_of_vm_tasks_in_sequence_and_at_once_leak_nothing() {
         cycles as f64 / sequential.as_secs_f64() / cores(),
         parallel.as_secs_f64(),
         concurrent as f64 / parallel.as_secs_f64() / cores(),
-    );
+    ));
 }
 
 #[test]
@@ -274,10 +274,10 @@ fn a_shim_killed_mid_storm_is_seen_within_5_s_and_leaves_nothing() {
         let now = settled_counts(c, before.get_or_insert_with(|| host_counts(c)));
         assert_eq!(Some(&now), before.as_ref(), "after killing {id}");
     }
-    eprintln!(
+    kestrel_test_support::campaign(format_args!(
         "soak: {kills} shims killed mid-storm; containerd saw each task stop within {:.0} ms",
         worst.as_secs_f64() * 1000.0
-    );
+    ));
 }
 
 fn cores() -> f64 {

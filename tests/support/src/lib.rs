@@ -1,4 +1,5 @@
-//! What every test layer of kestrel shares: the rule for skipping.
+//! What every test layer of kestrel shares: the rule for skipping, and the figures of the
+//! reliability campaign.
 //!
 //! A test that cannot run here (no `/dev/kvm`, no containerd, not root, a tool missing)
 //! calls [`skip`], which prints `skipped: <reason>` and returns, so a developer's machine
@@ -19,6 +20,29 @@ pub fn skip(reason: impl std::fmt::Display) {
     println!("skipped: {reason}");
     if required() {
         panic!("skipped: {reason} — but {REQUIRE_ALL}=1: this machine must run every test");
+    }
+}
+
+/// The environment variable naming the file [`campaign`] appends its lines to
+/// (`scripts/test.sh` sets it and prints the file at the end of the run).
+pub const CAMPAIGN_REPORT: &str = "KESTREL_CAMPAIGN_REPORT";
+
+/// Reports one figure of the reliability campaign (cases tried, crashes, leaks, time): on
+/// stderr, and appended as a line to the file [`CAMPAIGN_REPORT`] names, so one run's
+/// figures survive cargo's capture of a passing test's output.
+pub fn campaign(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let line = format!("{line}\n");
+    eprint!("campaign: {line}");
+    if let Some(path) = std::env::var_os(CAMPAIGN_REPORT) {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            eprintln!("campaign: cannot append to {}: {e}", path.to_string_lossy());
+        }
     }
 }
 
