@@ -34,6 +34,7 @@ use containerd_shim::protos::shim_async::TaskClient;
 use containerd_shim::protos::ttrpc::{self, Code};
 use devices::disk::{DiskBackend, EmptyDisk};
 use devices::virtio::net::MacAddr;
+use devices::virtio::RateLimitedLog;
 use kestrel_agent_protocol::{
     pod::PodConfig, BlockDevice, Call, ContainerConfig, GuestEvent, Reply, StdioPort, AGENT_PORT,
     CALL_METHOD, EVENTS_PORT, KESTREL_SERVICE, MAX_EVENT_LINE, SERVE_PARAM,
@@ -1006,6 +1007,8 @@ pub async fn read_event_stream(
     use tokio::io::AsyncBufReadExt;
     let mut reader = tokio::io::BufReader::new(stream);
     let mut line = Vec::new();
+    // A compromised agent may send bad lines without end: containerd's log gets a few.
+    let mut log = RateLimitedLog::default();
     loop {
         line.clear();
         let limit = (MAX_EVENT_LINE + 1) as u64;
@@ -1021,11 +1024,18 @@ pub async fn read_event_stream(
         }
         let text = String::from_utf8_lossy(&line);
         match GuestEvent::from_line(&text) {
-            Ok(GuestEvent::Oom { container_id }) if !owns(&container_id) => log::warn!(
-                "the guest agent reports an OOM kill in {container_id:?}, which is not a container of this VM: ignored"
-            ),
+            Ok(GuestEvent::Oom { container_id }) if !owns(&container_id) => {
+                log.warn(format_args!(
+                    "the guest agent reports an OOM kill in {container_id:?}, which is not a container of this VM: ignored"
+                ));
+            }
             Ok(event) => on_event(event),
-            Err(e) => log::warn!("the guest agent sent a bad event {:?}: {e}", text.trim_end()),
+            Err(e) => {
+                log.warn(format_args!(
+                    "the guest agent sent a bad event {:?}: {e}",
+                    text.trim_end()
+                ));
+            }
         }
     }
 }
