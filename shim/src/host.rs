@@ -142,6 +142,11 @@ pub fn run_dir(namespace: &str, shim_id: &str) -> PathBuf {
 fn check_container_vm(spec: &oci_spec::runtime::Spec) -> Result<(), GuestError> {
     let vm = spec::container_vm(spec)
         .map_err(|e| GuestError::host("size the VM from the spec", Code::INVALID_ARGUMENT, e))?;
+    check_agent_vm(&vm)
+}
+
+/// What would refuse an agent VM of size `vm` (a container's or a pod's) on this host.
+fn check_agent_vm(vm: &spec::ContainerVm) -> Result<(), GuestError> {
     let asset = |name| {
         vmm::assets::default_asset(name).map_err(|e| {
             GuestError::host(
@@ -503,6 +508,8 @@ impl Host {
         };
         let (vm, slots) = spec::pod_vm(&c.spec)
             .map_err(|e| invalid("size the pod's VM from the sandbox spec", Box::new(e)))?;
+        // Refused now, not at the first container: nothing of the pod exists yet.
+        check_agent_vm(&vm)?;
         let Some(path) = netns::requested(&c.spec) else {
             return Err(invalid(
                 "run the pod",

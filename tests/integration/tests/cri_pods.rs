@@ -546,4 +546,32 @@ fn a_host_network_pod_is_refused() {
         err.message().contains("io.kestrel.vm.container_slots"),
         "{err:?}"
     );
+    // More than the host has: refused at RunPodSandbox, before the pod's VM or network.
+    let huge = Cri::pod_config(
+        &unique("huge"),
+        &logs,
+        &[("io.kestrel.vm.memory_mib", "1073741824")],
+    );
+    let err = cri.run_pod(&huge, "kestrel").unwrap_err();
+    assert!(
+        err.message()
+            .contains("1073741824 MiB of guest memory asked; this host has"),
+        "{err:?}"
+    );
+    let many = Cri::pod_config(&unique("many"), &logs, &[("io.kestrel.vm.cpus", "255")]);
+    let err = cri.run_pod(&many, "kestrel").unwrap_err();
+    assert!(
+        err.message()
+            .contains("255 vCPUs asked; this host allows at most"),
+        "{err:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.shim_processes().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        c.shim_processes().is_empty(),
+        "a shim outlived the refused pods: {:?}",
+        c.shim_processes()
+    );
 }
