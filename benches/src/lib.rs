@@ -504,6 +504,41 @@ pub fn summary(v: impl IntoIterator<Item = f64>) -> Option<Summary> {
     Summary::of(&v.into_iter().collect::<Vec<_>>())
 }
 
+/// A bench's `main`: parses the options (`Err("")` asks for the usage), runs the bench,
+/// and maps the outcome to the exit status — 0 when it measured, 1 when `run` measured
+/// nothing (`nothing` says what was missing) or failed, 2 for bad arguments.
+pub fn bench_main<O>(
+    bench: &str,
+    usage: &str,
+    nothing: &str,
+    parse: impl FnOnce() -> std::result::Result<O, String>,
+    run: impl FnOnce(&O) -> std::result::Result<bool, String>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let opts = match parse() {
+        Ok(o) => o,
+        Err(e) if e.is_empty() => {
+            println!("{usage}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{bench}: {e}\n{usage}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&opts) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("{bench}: {nothing}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{bench}: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Milliseconds of a duration.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

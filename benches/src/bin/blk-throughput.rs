@@ -439,28 +439,13 @@ impl Samples {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("blk-throughput: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("blk-throughput: no valid kestrel run; see the failures above");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("blk-throughput: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kestrel_benches::bench_main(
+        "blk-throughput",
+        USAGE,
+        "no valid kestrel run; see the failures above",
+        parse_args,
+        run,
+    )
 }
 
 fn run(o: &Options) -> Result<bool, String> {

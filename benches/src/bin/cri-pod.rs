@@ -73,28 +73,13 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("cri-pod: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("cri-pod: no kestrel pod was measured; see the failures above");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("cri-pod: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kestrel_benches::bench_main(
+        "cri-pod",
+        USAGE,
+        "no kestrel pod was measured; see the failures above",
+        parse_args,
+        run,
+    )
 }
 
 /// One pod start: RunPodSandbox, Create+Start, first output (ms).

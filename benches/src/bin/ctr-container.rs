@@ -131,28 +131,13 @@ fn timed(c: &Containerd, args: &[&str]) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("ctr-container: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("ctr-container: no valid kestrel run; see the failures above");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("ctr-container: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kestrel_benches::bench_main(
+        "ctr-container",
+        USAGE,
+        "no valid kestrel run; see the failures above",
+        parse_args,
+        run,
+    )
 }
 
 struct StateDir(PathBuf);

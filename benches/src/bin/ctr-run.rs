@@ -362,28 +362,13 @@ fn mib(kib: u64) -> f64 {
 // ---------------------------------------------------------------------------------------
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("ctr-run: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("ctr-run: no valid kestrel run; see the failures above");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("ctr-run: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kestrel_benches::bench_main(
+        "ctr-run",
+        USAGE,
+        "no valid kestrel run; see the failures above",
+        parse_args,
+        run,
+    )
 }
 
 /// Removes kestrel's per-run state directory (converted base, overlays) when dropped;

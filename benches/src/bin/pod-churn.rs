@@ -74,28 +74,13 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("pod-churn: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("pod-churn: the kestrel pod was not measured; see the failures above");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("pod-churn: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kestrel_benches::bench_main(
+        "pod-churn",
+        USAGE,
+        "the kestrel pod was not measured; see the failures above",
+        parse_args,
+        run,
+    )
 }
 
 /// One look at a pod's shim.

@@ -83,28 +83,13 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("vm-density: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("vm-density: no kestrel task could be started; see above");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("vm-density: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kestrel_benches::bench_main(
+        "vm-density",
+        USAGE,
+        "no kestrel task could be started; see above",
+        parse_args,
+        run,
+    )
 }
 
 /// What one runtime's round measured.

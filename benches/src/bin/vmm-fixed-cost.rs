@@ -612,28 +612,13 @@ fn linux_boot(
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("vmm-fixed-cost: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("vmm-fixed-cost: no valid kestrel run; see the failures above");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("vmm-fixed-cost: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kestrel_benches::bench_main(
+        "vmm-fixed-cost",
+        USAGE,
+        "no valid kestrel run; see the failures above",
+        parse_args,
+        run,
+    )
 }
 
 fn run(opts: &Options) -> Result<bool, String> {
