@@ -272,6 +272,7 @@ fn a_shim_environment_without_assets_or_with_a_bad_seccomp_level_is_refused() {
         says,
     };
     let mut failures = Vec::new();
+    let mut cases = 0;
     let no_assets = Containerd::builder()
         .shim(&shim)
         .env("KESTREL_ASSETS", &empty)
@@ -287,6 +288,7 @@ fn a_shim_environment_without_assets_or_with_a_bad_seccomp_level_is_refused() {
         ),
     ] {
         failures.extend(check(&no_assets, &dir, &case));
+        cases += 1;
     }
     drop(no_assets);
     let bad_level = Containerd::builder()
@@ -303,6 +305,10 @@ fn a_shim_environment_without_assets_or_with_a_bad_seccomp_level_is_refused() {
         vm_image("bad-seccomp-vm-image", says),
     ] {
         failures.extend(check(&bad_level, &dir, &case));
+        cases += 1;
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    kestrel_test_support::campaign(format_args!(
+        "bad input to the shim: {cases} cases of a bad shim environment, each refused as expected, nothing left"
+    ));
 }
