@@ -344,6 +344,21 @@ pub fn import(c: &Containerd, archive: &Path) -> Result<(), String> {
     }
 }
 
+/// The VM of a pod without io.kestrel.vm.* annotations or pod limits (the shim's default).
+pub const POD_VM_MIB: u64 = 128;
+
+/// Polls `path` every 5 ms until it holds `needle` (true) or `timeout` passed (false).
+pub fn wait_for_line(path: &Path, needle: &str, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

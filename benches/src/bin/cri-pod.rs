@@ -28,7 +28,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use kestrel_benches::containerd::{
-    kill_fixture_processes, prepare, read_log_since, sample_memory, FIXTURE,
+    kill_fixture_processes, prepare, read_log_since, sample_memory, wait_for_line, FIXTURE,
+    POD_VM_MIB,
 };
 use kestrel_benches::{fmt_summary, ratio, summary, Table};
 use kestrel_integration_tests::containerd::Containerd;
@@ -39,8 +40,6 @@ const USAGE: &str = "usage: cri-pod [--runs N] [--shim PATH]
   --runs N     rounds (a kestrel pod, then a runc pod), default 2
   --shim PATH  use this containerd-shim-kestrel-v2 instead of building the release one";
 
-/// The pod VM's memory without io.kestrel.vm.* annotations or pod limits.
-const POD_VM_MIB: u64 = 128;
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Options {
@@ -100,17 +99,6 @@ fn timing(log: &str, id: &str, phase: &str) -> Option<f64> {
     })
 }
 
-fn wait_for_line(path: &Path, needle: &str) -> bool {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
-}
-
 /// Starts one pod of one busybox container; returns the pod id, container id and times.
 fn start_pod(
     cri: &Cri,
@@ -136,7 +124,7 @@ fn start_pod(
         )
         .map_err(|e| format!("Create/StartContainer: {e}"))?;
     let containers = t0.elapsed().as_secs_f64() * 1000.0 - sandbox;
-    if !wait_for_line(&dir.join("c.log"), "ready") {
+    if !wait_for_line(&dir.join("c.log"), "ready", READY_TIMEOUT) {
         return Err("no output within the timeout".into());
     }
     let total = t0.elapsed().as_secs_f64() * 1000.0;

@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use kestrel_benches::containerd::{
-    kib_field, kill_fixture_processes, prepare, sample_memory, FIXTURE,
+    kib_field, kill_fixture_processes, prepare, sample_memory, wait_for_line, FIXTURE, POD_VM_MIB,
 };
 use kestrel_benches::{fmt_summary, summary, Table};
 use kestrel_integration_tests::containerd::Containerd;
@@ -38,8 +38,6 @@ const USAGE: &str = "usage: pod-churn [--containers N] [--shim PATH]
   --containers N  containers passing through each pod after the warm-up, default 30
   --shim PATH     use this containerd-shim-kestrel-v2 instead of building the release one";
 
-/// The pod VM's memory without io.kestrel.vm.* annotations or pod limits.
-const POD_VM_MIB: u64 = 128;
 const WARM_UP: usize = 3;
 const DONE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -123,17 +121,6 @@ fn pod_shim(c: &Containerd, pod: &str) -> Option<u32> {
         .map(|p| p.pid)
 }
 
-fn wait_for_line(path: &Path, needle: &str) -> bool {
-    let deadline = Instant::now() + DONE_TIMEOUT;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
-}
-
 struct Churn {
     runtime: &'static str,
     before: ShimSample,
@@ -169,7 +156,7 @@ fn churn(
                     &["echo", "done"],
                 )
                 .map_err(|e| format!("container {i}: Create/StartContainer: {e}"))?;
-            if !wait_for_line(&dir.join(format!("{cname}.log")), "done") {
+            if !wait_for_line(&dir.join(format!("{cname}.log")), "done", DONE_TIMEOUT) {
                 return Err(format!("container {i}: no output within {DONE_TIMEOUT:?}"));
             }
             cri.stop_container(&id, 0)
