@@ -536,35 +536,29 @@ fn a_host_network_pod_is_refused() {
             .contains("host-network pods are not supported"),
         "{err:?}"
     );
-    let bad = Cri::pod_config(
-        &unique("badslots"),
-        &logs,
-        &[("io.kestrel.vm.container_slots", "99")],
-    );
-    let err = cri.run_pod(&bad, "kestrel").unwrap_err();
-    assert!(
-        err.message().contains("io.kestrel.vm.container_slots"),
-        "{err:?}"
-    );
-    // More than the host has: refused at RunPodSandbox, before the pod's VM or network.
-    let huge = Cri::pod_config(
-        &unique("huge"),
-        &logs,
-        &[("io.kestrel.vm.memory_mib", "1073741824")],
-    );
-    let err = cri.run_pod(&huge, "kestrel").unwrap_err();
-    assert!(
-        err.message()
-            .contains("1073741824 MiB of guest memory asked; this host has"),
-        "{err:?}"
-    );
-    let many = Cri::pod_config(&unique("many"), &logs, &[("io.kestrel.vm.cpus", "255")]);
-    let err = cri.run_pod(&many, "kestrel").unwrap_err();
-    assert!(
-        err.message()
-            .contains("255 vCPUs asked; this host allows at most"),
-        "{err:?}"
-    );
+    // A bad annotation, and more than the host has: refused at RunPodSandbox, before the
+    // pod's VM or network.
+    for (name, annotation, says) in [
+        (
+            "badslots",
+            ("io.kestrel.vm.container_slots", "99"),
+            "io.kestrel.vm.container_slots",
+        ),
+        (
+            "huge",
+            ("io.kestrel.vm.memory_mib", "1073741824"),
+            "1073741824 MiB of guest memory asked; this host has",
+        ),
+        (
+            "many",
+            ("io.kestrel.vm.cpus", "255"),
+            "255 vCPUs asked; this host allows at most",
+        ),
+    ] {
+        let config = Cri::pod_config(&unique(name), &logs, &[annotation]);
+        let err = cri.run_pod(&config, "kestrel").unwrap_err();
+        assert!(err.message().contains(says), "{name}: {err:?}");
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !c.shim_processes().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
