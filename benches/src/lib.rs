@@ -504,6 +504,14 @@ pub fn summary(v: impl IntoIterator<Item = f64>) -> Option<Summary> {
     Summary::of(&v.into_iter().collect::<Vec<_>>())
 }
 
+/// The value of option `arg` as a count of at least 1.
+pub fn positive(arg: &str, v: &str) -> std::result::Result<usize, String> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{arg}: {v:?} is not a positive number"))
+}
+
 /// A bench's `main`: parses the options (`Err("")` asks for the usage), runs the bench,
 /// and maps the outcome to the exit status — 0 when it measured, 1 when `run` measured
 /// nothing (`nothing` says what was missing) or failed, 2 for bad arguments.

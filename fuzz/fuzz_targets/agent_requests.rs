@@ -29,6 +29,12 @@ fn check_entries(entries: &[CopiedEntry]) {
     }
 }
 
+fn check_config(config: &ContainerConfig) {
+    for m in &config.copied {
+        check_entries(&m.entries);
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
@@ -45,9 +51,7 @@ fuzz_target!(|data: &[u8]| {
                 let _ = mount_size(m);
             }
             if let Some(Ok(config)) = req.options.as_ref().map(ContainerConfig::from_any) {
-                for m in &config.copied {
-                    check_entries(&m.entries);
-                }
+                check_config(&config);
             }
         }
         1 => {
@@ -61,9 +65,7 @@ fuzz_target!(|data: &[u8]| {
             any.type_url = kestrel_agent_protocol::CONTAINER_CONFIG_TYPE_URL.to_string();
             any.value = rest.to_vec();
             if let Ok(config) = ContainerConfig::from_any(&any) {
-                for m in &config.copied {
-                    check_entries(&m.entries);
-                }
+                check_config(&config);
             }
         }
         _ => {

@@ -31,7 +31,7 @@ use kestrel_benches::containerd::{
     kill_fixture_processes, prepare, read_log_since, sample_memory, wait_for_line, FIXTURE,
     POD_VM_MIB,
 };
-use kestrel_benches::{fmt_summary, ratio, summary, Table};
+use kestrel_benches::{fmt_summary, positive, ratio, summary, Table};
 use kestrel_integration_tests::containerd::Containerd;
 use kestrel_integration_tests::cri::Cri;
 use kestrel_integration_tests::images;
@@ -56,13 +56,7 @@ fn parse_args() -> Result<Options, String> {
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--runs" => {
-                o.runs = value()?
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or("--runs needs a positive number")?
-            }
+            "--runs" => o.runs = positive(&arg, &value()?)?,
             "--shim" => o.shim = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),

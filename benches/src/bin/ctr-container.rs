@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use kestrel_benches::containerd::{
     import, kill_fixture_processes, prepare, read_log_since, sample_memory, FIXTURE,
 };
-use kestrel_benches::{fmt_summary, ratio, summary, Table};
+use kestrel_benches::{fmt_summary, positive, ratio, summary, Table};
 use kestrel_integration_tests::containerd::{describe, ConsoleFifo, Containerd, KESTREL_RUNTIME};
 use kestrel_integration_tests::images::{self, BUSYBOX_IMAGE};
 
@@ -73,15 +73,9 @@ fn parse_args() -> Result<Options, String> {
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
-        let count = |v: String| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("not a positive number: {v}"))
-        };
         match arg.as_str() {
-            "--runs" => o.runs = count(value()?)?,
-            "--execs" => o.execs = count(value()?)?,
+            "--runs" => o.runs = positive(&arg, &value()?)?,
+            "--execs" => o.execs = positive(&arg, &value()?)?,
             "--shim" => o.shim = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use kestrel_benches::containerd::{
     kib_field, kill_fixture_processes, prepare, sample_memory, wait_for_line, FIXTURE, POD_VM_MIB,
 };
-use kestrel_benches::{fmt_summary, summary, Table};
+use kestrel_benches::{fmt_summary, positive, summary, Table};
 use kestrel_integration_tests::containerd::Containerd;
 use kestrel_integration_tests::cri::Cri;
 use kestrel_integration_tests::images;
@@ -55,14 +55,7 @@ fn parse_args() -> Result<Options, String> {
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--containers" => {
-                let v = value()?;
-                o.containers = v
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| format!("--containers: {v:?} is not a positive number"))?;
-            }
+            "--containers" => o.containers = positive(&arg, &value()?)?,
             "--shim" => o.shim = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),

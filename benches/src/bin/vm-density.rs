@@ -34,7 +34,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kestrel_benches::containerd::{import, kib_field, kill_fixture_processes, prepare, FIXTURE};
-use kestrel_benches::Table;
+use kestrel_benches::{positive, Table};
 use kestrel_integration_tests::containerd::{describe, Containerd, KESTREL_RUNTIME};
 use kestrel_integration_tests::images::{self, BUSYBOX_IMAGE};
 use kestrel_integration_tests::kestrel;
@@ -65,15 +65,9 @@ fn parse_args() -> Result<Options, String> {
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
-        let number = |v: String| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{arg}: {v:?} is not a positive number"))
-        };
         match arg.as_str() {
-            "--count" => o.count = number(value()?)?,
-            "--parallel" => o.parallel = number(value()?)?,
+            "--count" => o.count = positive(&arg, &value()?)?,
+            "--parallel" => o.parallel = positive(&arg, &value()?)?,
             "--shim" => o.shim = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -311,6 +305,9 @@ fn per_task(total: f64, r: &Round) -> Option<f64> {
     (r.held > 0).then(|| total / r.held as f64)
 }
 
+/// A per-task figure of one round (`None` when the round held nothing).
+type Metric<'a> = dyn Fn(&Round) -> Option<f64> + 'a;
+
 fn report(rounds: &[&Round; 2]) {
     let cores = nproc() as f64;
     let rate = |r: &Round| (r.held > 0).then(|| r.held as f64 / r.start.as_secs_f64() / cores);
@@ -320,47 +317,28 @@ fn report(rounds: &[&Round; 2]) {
     let pss = |r: &Round| per_task(r.pss_kib as f64 / 1024.0, r);
     let threads = |r: &Round| per_task(r.threads as f64, r);
     let fmt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
-    let ratio = |f: &dyn Fn(&Round) -> Option<f64>| match (f(rounds[0]), f(rounds[1])) {
+    let ratio = |f: &Metric<'_>| match (f(rounds[0]), f(rounds[1])) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
         _ => "-".into(),
     };
+    let held = |r: &Round| Some(r.held as f64);
+    let rows: [(&str, &Metric<'_>, usize); 6] = [
+        ("tasks held at once", &held, 0),
+        ("start rate, tasks/s/core", &rate, 1),
+        ("host MemAvailable drop per task, MiB", &mem, 2),
+        ("Pss per task (shim and below), MiB", &pss, 2),
+        ("threads per task", &threads, 1),
+        ("removal rate, tasks/s/core", &teardown, 1),
+    ];
     let mut t = Table::new(&["per runtime", rounds[0].runtime, rounds[1].runtime, "ratio"]);
-    t.row(vec![
-        "tasks held at once".into(),
-        rounds[0].held.to_string(),
-        rounds[1].held.to_string(),
-        ratio(&|r| Some(r.held as f64)),
-    ]);
-    t.row(vec![
-        "start rate, tasks/s/core".into(),
-        fmt(rate(rounds[0]), 1),
-        fmt(rate(rounds[1]), 1),
-        ratio(&rate),
-    ]);
-    t.row(vec![
-        "host MemAvailable drop per task, MiB".into(),
-        fmt(mem(rounds[0]), 2),
-        fmt(mem(rounds[1]), 2),
-        ratio(&mem),
-    ]);
-    t.row(vec![
-        "Pss per task (shim and below), MiB".into(),
-        fmt(pss(rounds[0]), 2),
-        fmt(pss(rounds[1]), 2),
-        ratio(&pss),
-    ]);
-    t.row(vec![
-        "threads per task".into(),
-        fmt(threads(rounds[0]), 1),
-        fmt(threads(rounds[1]), 1),
-        ratio(&threads),
-    ]);
-    t.row(vec![
-        "removal rate, tasks/s/core".into(),
-        fmt(teardown(rounds[0]), 1),
-        fmt(teardown(rounds[1]), 1),
-        ratio(&teardown),
-    ]);
+    for (label, f, decimals) in rows {
+        t.row(vec![
+            label.into(),
+            fmt(f(rounds[0]), decimals),
+            fmt(f(rounds[1]), decimals),
+            ratio(f),
+        ]);
+    }
     println!("\n{}", t.render());
     for r in rounds {
         if let Some(e) = &r.first_failure {
